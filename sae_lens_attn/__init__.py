@@ -1,0 +1,38 @@
+"""sae-lens-attn: sparse autoencoders on attention layer outputs (hook_z) for SAELens.
+
+Importing the package registers the ``attn_*`` training architectures with SAELens (idempotent)
+and changes nothing else.
+"""
+
+from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
+from sae_lens_attn.registration import register_training_classes
+from sae_lens_attn.sae_config import (
+    AttnBatchTopKTrainingSAEConfig,
+    AttnJumpReLUTrainingSAEConfig,
+    AttnStandardTrainingSAEConfig,
+    AttnTopKTrainingSAEConfig,
+)
+from sae_lens_attn.site import AttnSite, ValueBiasConvention
+from sae_lens_attn.store import AttnActivationStore, TokenBatches
+from sae_lens_attn.training import attn_sae_training_config
+
+__version__ = "0.1.0"
+
+register_training_classes()
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "AttnActivationStore",
+    "AttnBackend",
+    "AttnBatchTopKTrainingSAEConfig",
+    "AttnCapture",
+    "AttnJumpReLUTrainingSAEConfig",
+    "AttnSite",
+    "AttnStandardTrainingSAEConfig",
+    "AttnTopKTrainingSAEConfig",
+    "TokenBatches",
+    "ValueBiasConvention",
+    "__version__",
+    "attn_sae_training_config",
+    "backend_for",
+]

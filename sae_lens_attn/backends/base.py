@@ -1,0 +1,174 @@
+"""What every backend provides: captures of (z, pattern, values) and splices of z, per site."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite, ValueBiasConvention
+
+ZReplacement = Callable[[Float[Tensor, "batch pos n_heads d_head"]], Tensor]
+"""Maps z (in the requested value-bias convention) to the z the model should use instead."""
+
+
+class AttnCapture(NamedTuple):
+    """What one forward pass saw at one attention site, in one value-bias convention."""
+
+    z: Float[Tensor, "batch pos n_heads d_head"]
+    """Per-head attention outputs, the input of W_O."""
+    pattern: Float[Tensor, "batch n_heads q k"] | None
+    """Attention probabilities, if requested."""
+    values: Float[Tensor, "batch pos n_heads d_head"] | None
+    """Values with grouped KV heads expanded to query heads, if requested."""
+
+    @property
+    def z_flat(self) -> Float[Tensor, "batch pos d_in"]:
+        """z with heads concatenated head-major, the SAE's input."""
+        return self.z.flatten(-2)
+
+
+class Captures(Mapping[int, AttnCapture]):
+    """Raw tensors a backend collected, keyed by layer, delivered in one value-bias convention.
+
+    Filled while the model runs inside ``AttnBackend.capturing``; read it afterwards.
+    """
+
+    def __init__(
+        self,
+        sites: Iterable[AttnSite],
+        value_biases: Mapping[int, Float[Tensor, "n_heads d_head"]],
+        convention: ValueBiasConvention,
+    ) -> None:
+        self.sites = {site.layer: site for site in sites}
+        self.raw: dict[tuple[int, str], Tensor] = {}
+        self._value_biases = value_biases
+        self._convention = convention
+
+    def __getitem__(self, layer: int) -> AttnCapture:
+        site = self.sites[layer]
+        if (layer, "z") not in self.raw:
+            raise RuntimeError(
+                f"no z was captured at {site.hook_name}: run the model inside the capturing context"
+            )
+        bias = self._value_biases[layer] if self._convention == "folded" else None
+        z = self.raw[layer, "z"]
+        values = self.raw.get((layer, "values"))
+        if values is not None:
+            values = expand_kv_heads(values, site)
+        if bias is not None:
+            z = z - bias
+            values = None if values is None else values - bias
+        return AttnCapture(z=z, pattern=self.raw.get((layer, "pattern")), values=values)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+
+def expand_kv_heads(
+    values: Float[Tensor, "batch pos n_kv_heads d_head"], site: AttnSite
+) -> Float[Tensor, "batch pos n_heads d_head"]:
+    """Give each query head the values of the KV head it reads (``kv(h) = h // group_size``)."""
+    if values.shape[-2] == site.n_heads:
+        return values
+    return values.repeat_interleave(site.group_size, dim=-2)
+
+
+def check_convention(convention: str) -> ValueBiasConvention:
+    """Return ``convention`` if it is a value-bias convention, else raise ``ValueError``."""
+    if convention not in VALUE_BIAS_CONVENTIONS:
+        raise ValueError(
+            f"unknown value-bias convention {convention!r}; valid: {list(VALUE_BIAS_CONVENTIONS)}"
+        )
+    return convention  # type: ignore[return-value]
+
+
+class AttnBackend(ABC):
+    """A model seen as a stack of attention sites that can be captured and spliced.
+
+    Hooks live only inside the context managers ``capturing`` and ``splicing``, which remove them
+    on exit, exceptions included.
+    """
+
+    name: str
+    """Short backend name used in messages and metadata."""
+    model: Any
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int:
+        """Number of attention layers."""
+
+    @abstractmethod
+    def site(self, layer: int) -> AttnSite:
+        """The attention site of ``layer``; raises ``ValueError`` when it is out of range."""
+
+    @abstractmethod
+    def value_bias(self, site: AttnSite) -> Float[Tensor, "n_heads d_head"]:
+        """b_V per query head as the model holds it now (zeros if the model has none or folded it)."""
+
+    @abstractmethod
+    def capturing(
+        self,
+        sites: Iterable[AttnSite],
+        *,
+        pattern: bool = False,
+        values: bool = False,
+        convention: ValueBiasConvention = "folded",
+    ) -> AbstractContextManager[Captures]:
+        """Collect z (and optionally patterns and values) at ``sites`` during forward passes."""
+
+    @abstractmethod
+    def splicing(
+        self,
+        replacements: Mapping[AttnSite, ZReplacement],
+        *,
+        convention: ValueBiasConvention = "folded",
+    ) -> AbstractContextManager[None]:
+        """Replace z at each site by ``fn(z)`` during forward passes; ``z`` in ``convention``."""
+
+    @abstractmethod
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        *,
+        stop_at_layer: int | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"] | None:
+        """Run the model on ``tokens``; with ``stop_at_layer=n`` only layers ``0..n-1`` run
+        (and ``None`` is returned)."""
+
+    def value_biases(self, sites: Iterable[AttnSite]) -> dict[int, Tensor]:
+        """b_V per head for every site, keyed by layer."""
+        return {site.layer: self.value_bias(site) for site in sites}
+
+    @torch.no_grad()
+    def capture(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        sites: Iterable[AttnSite],
+        *,
+        pattern: bool = False,
+        values: bool = False,
+        convention: ValueBiasConvention = "folded",
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Captures:
+        """One forward pass, stopped after the last layer needed, capturing every site."""
+        sites = list(sites)
+        if not sites:
+            raise ValueError("capture needs at least one AttnSite, got none")
+        with self.capturing(sites, pattern=pattern, values=values, convention=convention) as caps:
+            self.forward(
+                tokens,
+                stop_at_layer=max(s.layer for s in sites) + 1,
+                attention_mask=attention_mask,
+            )
+        return caps

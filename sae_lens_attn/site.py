@@ -1,0 +1,171 @@
+"""`AttnSite`: one attention layer's hook_z, the only place hook names and module paths are made."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from sae_lens_attn.architectures import hf_architecture
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+ValueBiasConvention = Literal["folded", "included"]
+"""Whether z carries the value bias b_V.
+
+``"folded"``: z has no b_V (TransformerLens ``from_pretrained`` folds it into b_O; the published
+GPT-2 Small attention SAEs use this). ``"included"``: z carries b_V, as in Hugging Face models and
+``from_pretrained_no_processing``. The two differ by exactly b_V per head, since Σ_s A = 1.
+"""
+VALUE_BIAS_CONVENTIONS: tuple[str, ...] = get_args(ValueBiasConvention)
+
+_HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
+
+
+@dataclass(frozen=True)
+class AttnSite:
+    """The hook_z activation of one attention layer: z of every head, concatenated head-major."""
+
+    layer: int
+    """Index of the attention layer (0-based)."""
+    n_heads: int
+    """Number of query heads; z has one ``d_head`` block per query head."""
+    n_kv_heads: int
+    """Number of key/value heads (equal to ``n_heads`` without grouped-query attention)."""
+    d_head: int
+    """Width of one head's z."""
+
+    def __post_init__(self) -> None:
+        for name in ("layer", "n_heads", "n_kv_heads", "d_head"):
+            value = getattr(self, name)
+            minimum = 0 if name == "layer" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"AttnSite.{name} must be an int >= {minimum}, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
+                "grouped-query attention shares each KV head among n_heads / n_kv_heads query heads"
+            )
+
+    @property
+    def d_in(self) -> int:
+        """Width of the flattened z, ``n_heads * d_head``: the SAE's input size."""
+        return self.n_heads * self.d_head
+
+    @property
+    def hook_name(self) -> str:
+        """TransformerLens hook of z, ``blocks.L.attn.hook_z``."""
+        return f"blocks.{self.layer}.attn.hook_z"
+
+    @property
+    def pattern_hook_name(self) -> str:
+        """TransformerLens hook of the attention pattern ``[batch, n_heads, q, k]``."""
+        return f"blocks.{self.layer}.attn.hook_pattern"
+
+    @property
+    def values_hook_name(self) -> str:
+        """TransformerLens hook of the values ``[batch, pos, n_kv_heads, d_head]``."""
+        return f"blocks.{self.layer}.attn.hook_v"
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head ``head`` reads: ``head // (n_heads / n_kv_heads)``."""
+        return head // self.group_size
+
+    def head_slice(self, head: int) -> slice:
+        """Rows of the flattened z (and of W_enc) that belong to ``head``."""
+        return slice(head * self.d_head, (head + 1) * self.d_head)
+
+    def hf_module_path(self, architecture: str) -> str:
+        """Module whose input is z in a Hugging Face model of class ``architecture``."""
+        return hf_architecture(architecture).out_proj_path(self.layer)
+
+
+    @staticmethod
+    def layer_of(hook_name: str) -> int:
+        """The layer of a hook_z name ``blocks.L.attn.hook_z``.
+
+        Raises:
+            ValueError: ``hook_name`` is not a hook_z name.
+        """
+        match = _HOOK_Z.match(hook_name) if isinstance(hook_name, str) else None
+        if match is None:
+            raise ValueError(
+                f"expected a hook_z hook name 'blocks.<layer>.attn.hook_z', got {hook_name!r}: "
+                "attention SAEs read the per-head attention outputs (the input of W_O)"
+            )
+        return int(match.group(1))
+
+    @classmethod
+    def from_model(cls, model: Any, layer: int) -> AttnSite:
+        """The site of ``layer`` in ``model`` (any model a backend supports).
+
+        Raises:
+            ValueError: ``layer`` is out of range.
+            TypeError: no backend supports ``model``; the message lists those that exist.
+        """
+        from sae_lens_attn.backends import backend_for
+
+        return backend_for(model).site(layer)
+
+    @classmethod
+    def from_sae(cls, sae: SAE[Any], model: Any = None) -> AttnSite:
+        """The site a hook_z SAE reads: its metadata first, ``model`` for what it lacks.
+
+        SAEs saved by this package carry ``n_heads``, ``n_kv_heads`` and ``d_head``; SAEs saved by
+        plain SAELens carry only the hook name, so the head structure comes from ``model``. When
+        both are present they must agree.
+
+        Raises:
+            ValueError: the SAE is not on hook_z, does not fit the site, or disagrees with ``model``.
+        """
+        meta = sae.cfg.metadata
+        layer = cls.layer_of(meta.hook_name)
+        from_meta = {k: meta.get(k) for k in ("n_heads", "n_kv_heads", "d_head")}
+        from_model = None if model is None else cls.from_model(model, layer)
+        if from_model is not None:
+            clashes = {
+                k: (v, getattr(from_model, k))
+                for k, v in from_meta.items()
+                if v is not None and v != getattr(from_model, k)
+            }
+            if clashes:
+                raise ValueError(
+                    f"SAE on {meta.hook_name} was trained for another model's site: "
+                    + ", ".join(f"{k}={a} in the SAE but {b} in the model" for k, (a, b) in clashes.items())
+                )
+            site = from_model
+        else:
+            n_heads = from_meta["n_heads"]
+            if n_heads is None:
+                raise ValueError(
+                    f"SAE on {meta.hook_name} does not record n_heads in its metadata "
+                    "(it was not saved by sae_lens_attn); pass model= to read the head structure"
+                )
+            d_head = from_meta["d_head"] or sae.cfg.d_in // n_heads
+            site = cls(layer, n_heads, from_meta["n_kv_heads"] or n_heads, d_head)
+        return site.check_sae_width(sae.cfg.d_in)
+
+    def check_sae_width(self, d_in: int) -> AttnSite:
+        """Return self if an SAE of input width ``d_in`` fits this site, else raise."""
+        if d_in != self.d_in:
+            raise ValueError(
+                f"SAE d_in={d_in} does not match the site {self.hook_name}: expected "
+                f"n_heads*d_head = {self.n_heads}*{self.d_head} = {self.d_in}"
+            )
+        return self
+
+
+def check_layer(layer: int, n_layers: int) -> int:
+    """Return ``layer`` if a model with ``n_layers`` layers has it, else raise ``ValueError``."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(
+            f"layer {layer!r} is out of range: the model has {n_layers} layers "
+            f"(valid: 0..{n_layers - 1})"
+        )
+    return layer

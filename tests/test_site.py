@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sae_lens_attn as sla
+from sae_lens_attn import AttnSite
+
+
+def test_site_from_model_reads_head_structure(model, gqa_model) -> None:
+    site = AttnSite.from_model(model, 1)
+    assert site == AttnSite(layer=1, n_heads=4, n_kv_heads=4, d_head=8)
+    assert (site.d_in, site.hook_name) == (32, "blocks.1.attn.hook_z")
+    gqa = AttnSite.from_model(gqa_model, 0)
+    assert (gqa.n_heads, gqa.n_kv_heads, gqa.group_size) == (4, 2, 2)
+    assert [gqa.kv_head(h) for h in range(4)] == [0, 0, 1, 1]
+
+
+def test_hook_names_and_module_paths_come_from_the_site() -> None:
+    site = AttnSite(layer=3, n_heads=8, n_kv_heads=2, d_head=16)
+    assert site.pattern_hook_name == "blocks.3.attn.hook_pattern"
+    assert site.values_hook_name == "blocks.3.attn.hook_v"
+    assert site.hf_module_path("GPT2LMHeadModel") == "transformer.h.3.attn.c_proj"
+    assert site.hf_module_path("LlamaForCausalLM") == "model.layers.3.self_attn.o_proj"
+    assert site.hf_module_path("GPTNeoXForCausalLM") == "gpt_neox.layers.3.attention.dense"
+    assert site.head_slice(2) == slice(32, 48)
+    assert AttnSite.layer_of(site.hook_name) == 3
+
+
+def test_site_is_frozen_and_hashable() -> None:
+    site = AttnSite(0, 4, 4, 8)
+    with pytest.raises(AttributeError):
+        site.layer = 1  # type: ignore[misc]
+    assert {site: 1}[AttnSite(0, 4, 4, 8)] == 1
+
+
+@pytest.mark.parametrize("layer", [-1, 2, 10])
+def test_layer_out_of_range_names_the_valid_range(model, layer: int) -> None:
+    with pytest.raises(ValueError, match=r"layer .* out of range.*2 layers.*valid: 0\.\.1"):
+        AttnSite.from_model(model, layer)
+
+
+@pytest.mark.parametrize(
+    "hook_name", ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.x.attn.hook_z", None]
+)
+def test_non_attention_hook_name_is_refused(hook_name) -> None:
+    with pytest.raises(ValueError, match=r"expected a hook_z hook name 'blocks.<layer>.attn.hook_z'"):
+        AttnSite.layer_of(hook_name)
+
+
+def test_invalid_fields_are_refused() -> None:
+    with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
+        AttnSite(0, 6, 4, 8)
+    with pytest.raises(ValueError, match="d_head must be an int >= 1"):
+        AttnSite(0, 4, 4, 0)
+
+
+def test_unsupported_model_type_lists_supported_ones() -> None:
+    with pytest.raises(TypeError, match=r"no sae_lens_attn backend supports .*Linear.*supported: .*HookedTransformer"):
+        AttnSite.from_model(torch.nn.Linear(2, 2), 0)
+    assert "transformer_lens.HookedTransformer" in sla.SUPPORTED_MODEL_TYPES
+
+
+def test_unknown_hf_architecture_says_how_to_add_one() -> None:
+    with pytest.raises(ValueError, match=r"unsupported Hugging Face architecture 'FooForCausalLM'.*HF_ARCHITECTURES"):
+        AttnSite(0, 4, 4, 8).hf_module_path("FooForCausalLM")

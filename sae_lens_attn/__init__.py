@@ -14,7 +14,7 @@ from sae_lens_attn.sae_config import (
 )
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
 from sae_lens_attn.store import AttnActivationStore, TokenBatches
-from sae_lens_attn.training import attn_sae_training_config
+from sae_lens_attn.training import attn_sae_training_config, train_attn_saes
 
 __version__ = "0.1.0"
 
@@ -35,4 +35,5 @@ __all__ = [
     "__version__",
     "attn_sae_training_config",
     "backend_for",
+    "train_attn_saes",
 ]

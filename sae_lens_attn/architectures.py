@@ -26,9 +26,7 @@ _LLAMA_LIKE = HFArchitecture(layers_path="model.layers", out_proj="self_attn.o_p
 
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "GPT2LMHeadModel": HFArchitecture(layers_path="transformer.h", out_proj="attn.c_proj"),
-    "GPTNeoXForCausalLM": HFArchitecture(
-        layers_path="gpt_neox.layers", out_proj="attention.dense"
-    ),
+    "GPTNeoXForCausalLM": HFArchitecture(layers_path="gpt_neox.layers", out_proj="attention.dense"),
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,
     "GemmaForCausalLM": _LLAMA_LIKE,

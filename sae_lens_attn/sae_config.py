@@ -164,12 +164,12 @@ class AttnTrainingChecks:
     earliest point the hook is known.
     """
 
-    cfg: AttnTrainingFields
     _site_checked: bool = False
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if not self._site_checked:
-            self.cfg.site_for(self.cfg.metadata.hook_name)  # type: ignore[attr-defined]
+            cfg: Any = self.cfg  # type: ignore[attr-defined]
+            cfg.site_for(cfg.metadata.hook_name)
             self._site_checked = True
         return super().training_forward_pass(step_input)  # type: ignore[misc]
 

@@ -85,7 +85,6 @@ class AttnSite:
         """Module whose input is z in a Hugging Face model of class ``architecture``."""
         return hf_architecture(architecture).out_proj_path(self.layer)
 
-
     @staticmethod
     def layer_of(hook_name: str) -> int:
         """The layer of a hook_z name ``blocks.L.attn.hook_z``.
@@ -137,7 +136,9 @@ class AttnSite:
             if clashes:
                 raise ValueError(
                     f"SAE on {meta.hook_name} was trained for another model's site: "
-                    + ", ".join(f"{k}={a} in the SAE but {b} in the model" for k, (a, b) in clashes.items())
+                    + ", ".join(
+                        f"{k}={a} in the SAE but {b} in the model" for k, (a, b) in clashes.items()
+                    )
                 )
             site = from_model
         else:

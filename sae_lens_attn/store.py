@@ -21,7 +21,7 @@ from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.backends.base import check_convention
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
 
-TokenBatch = Int[Tensor, "batch ctx"] | tuple[Int[Tensor, "batch ctx"], Int[Tensor, "batch ctx"]]
+TokenBatch = Int[Tensor, " batch ctx"] | tuple[Int[Tensor, " batch ctx"], Int[Tensor, " batch ctx"]]
 """A batch of token ids, optionally with an attention mask (0 marks padding)."""
 
 
@@ -29,7 +29,7 @@ TokenBatch = Int[Tensor, "batch ctx"] | tuple[Int[Tensor, "batch ctx"], Int[Tens
 class TokenBatches:
     """A re-iterable source of token batches cut from one ``[n_rows, ctx]`` tensor."""
 
-    tokens: Int[Tensor, "n_rows ctx"]
+    tokens: Int[Tensor, " n_rows ctx"]
     """All rows, each one context."""
     batch_size: int
     """Rows per model pass."""
@@ -42,7 +42,7 @@ class TokenBatches:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def __iter__(self) -> Iterator[Int[Tensor, "batch ctx"]]:
+    def __iter__(self) -> Iterator[Int[Tensor, " batch ctx"]]:
         for start in range(0, self.tokens.shape[0], self.batch_size):
             yield self.tokens[start : start + self.batch_size]
 
@@ -125,9 +125,7 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
             seed: seed of the shuffling generator.
         """
         self.backend: AttnBackend = backend_for(model)
-        self.sites = tuple(
-            s if isinstance(s, AttnSite) else self.backend.site(s) for s in sites
-        )
+        self.sites = tuple(s if isinstance(s, AttnSite) else self.backend.site(s) for s in sites)
         if not self.sites:
             raise ValueError("AttnActivationStore needs at least one site, got none")
         if len({s.layer for s in self.sites}) != len(self.sites):
@@ -143,7 +141,7 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
         self.train_batch_size_tokens = train_batch_size_tokens
         self.buffer_size_tokens = buffer_size_tokens
         self.mix_fraction = mix_fraction
-        self.convention = check_convention(convention)
+        self.convention: ValueBiasConvention = check_convention(convention)
         self.exclude_special_tokens = (
             None if exclude_special_tokens is None else torch.tensor(list(exclude_special_tokens))
         )
@@ -161,14 +159,16 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
         return [site.hook_name for site in self.sites]
 
     @torch.no_grad()
-    def activations(self, batch: TokenBatch) -> dict[str, Float[Tensor, "tokens d_in"]]:
+    def activations(self, batch: TokenBatch) -> dict[str, Float[Tensor, " tokens d_in"]]:
         """Flattened z of every site for one token batch, from one model pass, unshuffled.
 
         Positions that are padding or excluded special tokens are dropped.
         """
         tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
         if tokens.ndim != 2 or tokens.numel() == 0:
-            raise ValueError(f"token batch must be a non-empty [batch, ctx] tensor, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"token batch must be a non-empty [batch, ctx] tensor, got {tuple(tokens.shape)}"
+            )
         captures = self.backend.capture(
             tokens, self.sites, convention=self.convention, attention_mask=mask
         )
@@ -178,9 +178,9 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
         keep = keep.flatten()
         self.model_passes += 1
         return {
-            site.hook_name: captures[site.layer].z_flat.flatten(0, 1)[keep.to(tokens.device)].to(
-                self.device, self.dtype
-            )
+            site.hook_name: captures[site.layer]
+            .z_flat.flatten(0, 1)[keep.to(tokens.device)]
+            .to(self.device, self.dtype)
             for site in self.sites
         }
 
@@ -192,7 +192,7 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
     def __iter__(self) -> AttnActivationStore:
         return self
 
-    def data_provider(self) -> Iterator[Float[Tensor, "batch d_in"]]:
+    def data_provider(self) -> Iterator[Float[Tensor, " batch d_in"]]:
         """The store as SAELens's single-site ``DataProvider`` (for ``SAETrainer``).
 
         Raises:
@@ -236,14 +236,24 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
             buffer = torch.cat([buffer, packed])
             if buffer.shape[0] < self.buffer_size_tokens:
                 continue
-            buffer = buffer[torch.randperm(buffer.shape[0], generator=self.generator).to(self.device)]
+            buffer = buffer[
+                torch.randperm(buffer.shape[0], generator=self.generator).to(self.device)
+            ]
             n_serve = max(1, (buffer.shape[0] - keep) // self.train_batch_size_tokens)
             for i in range(n_serve):
-                yield self._split(buffer[i * self.train_batch_size_tokens : (i + 1) * self.train_batch_size_tokens], widths)
+                yield self._split(
+                    buffer[
+                        i * self.train_batch_size_tokens : (i + 1) * self.train_batch_size_tokens
+                    ],
+                    widths,
+                )
             buffer = buffer[n_serve * self.train_batch_size_tokens :]
         buffer = buffer[torch.randperm(buffer.shape[0], generator=self.generator).to(self.device)]
         for i in range(buffer.shape[0] // self.train_batch_size_tokens):
-            yield self._split(buffer[i * self.train_batch_size_tokens : (i + 1) * self.train_batch_size_tokens], widths)
+            yield self._split(
+                buffer[i * self.train_batch_size_tokens : (i + 1) * self.train_batch_size_tokens],
+                widths,
+            )
 
     def _split(self, rows: Tensor, widths: list[int]) -> dict[str, Tensor]:
-        return dict(zip(self.hook_names, rows.split(widths, dim=1)))
+        return dict(zip(self.hook_names, rows.split(widths, dim=1), strict=True))

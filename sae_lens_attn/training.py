@@ -1,12 +1,25 @@
-"""Building attention SAE training configs from a model."""
+"""Training attention SAEs: configs built from a model, and all layers from one stream."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, get_args
+
+import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.constants import SPARSITY_FILENAME
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+from safetensors.torch import save_file
 
 from sae_lens_attn.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES, AttnArchitecture, AttnTrainingFields
+from sae_lens_attn.site import AttnSite
+from sae_lens_attn.store import AttnActivationStore, TokenBatch
 
 
 def attn_sae_training_config(
@@ -36,8 +49,8 @@ def attn_sae_training_config(
     # z carries whatever b_V the model holds now: none (folded or bias-free) or the real one.
     has_value_bias = bool(backend.value_bias(site).abs().max() > 0)
     arch = getattr(getattr(model, "cfg", None), "original_architecture", None)
-    cfg_cls = ATTN_TRAINING_CLASSES[name][1]
-    cfg = cfg_cls(  # type: ignore[call-arg]
+    cfg_cls: Any = ATTN_TRAINING_CLASSES[name][1]
+    cfg: AttnTrainingFields = cfg_cls(
         d_in=site.d_in,
         n_heads=site.n_heads,
         n_kv_heads=site.n_kv_heads,
@@ -47,3 +60,81 @@ def attn_sae_training_config(
     )
     cfg.metadata.hook_name = site.hook_name  # type: ignore[attr-defined]
     return cfg
+
+
+def train_attn_saes(
+    model: Any,
+    layers: Sequence[int],
+    token_batches: Iterable[TokenBatch],
+    *,
+    training_tokens: int,
+    out_dir: str | Path,
+    architecture: AttnArchitecture = "standard",
+    model_name: str | None = None,
+    train_batch_size_tokens: int = 4096,
+    buffer_size_tokens: int = 65536,
+    lr: float = 3e-4,
+    exclude_special_tokens: Sequence[int] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    **sae_kwargs: Any,
+) -> dict[int, Path]:
+    """Train one attention SAE per layer from a single activation stream and save them.
+
+    Every model pass serves all ``layers`` (SAELens's ``MultiSAETrainer`` steps the SAEs in
+    lockstep). Each SAE is written, SAELens-native, to ``out_dir/blocks.L.attn.hook_z``
+    (``cfg.json``, ``sae_weights.safetensors``, ``sparsity.safetensors``); folders appear whole
+    or not at all.
+
+    Returns:
+        layer → folder of its saved SAE.
+    """
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    sites = [AttnSite.from_model(model, layer) for layer in layers]
+    targets = {site.layer: out_dir / site.hook_name for site in sites}
+    taken = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
+    if taken and not overwrite:
+        raise FileExistsError(
+            f"refusing to overwrite non-empty SAE folders {taken}; pass overwrite=True"
+        )
+    saes: dict[str, TrainingSAE[Any]] = {}
+    for site in sites:
+        cfg = attn_sae_training_config(model, site.layer, architecture, **sae_kwargs)
+        cfg.metadata.model_name = model_name  # type: ignore[attr-defined]
+        saes[site.hook_name] = ATTN_TRAINING_CLASSES[cfg.architecture()][0](cfg)
+    store = AttnActivationStore(
+        model,
+        sites,
+        token_batches,
+        train_batch_size_tokens=train_batch_size_tokens,
+        buffer_size_tokens=buffer_size_tokens,
+        convention=next(iter(saes.values())).cfg.value_bias_convention,  # type: ignore[attr-defined]
+        exclude_special_tokens=exclude_special_tokens,
+        seed=seed,
+    )
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=training_tokens,
+        train_batch_size_samples=train_batch_size_tokens,
+        lr=lr,
+        lr_end=lr,
+    )
+    trainer = MultiSAETrainer(trainer_cfg, saes, {name: name for name in saes}, store)
+    trainer.fit()
+    for site in sites:
+        sparsity = trainer.trainers[site.hook_name].log_feature_sparsity
+        _save_atomically(saes[site.hook_name], sparsity, targets[site.layer])
+    return targets
+
+
+def _save_atomically(sae: TrainingSAE[Any], log_sparsity: torch.Tensor, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        sae.save_inference_model(tmp)
+        save_file({"sparsity": log_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

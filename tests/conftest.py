@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ D_VOCAB = 64
 N_CTX = 16
 
 
-def build_model(*, n_kv_heads: int | None = None, attn_only: bool = True, seed: int = 0) -> HookedTransformer:
+def build_model(
+    *, n_kv_heads: int | None = None, attn_only: bool = True, seed: int = 0
+) -> HookedTransformer:
     """A 2-layer model with random weights and a non-zero value bias, so conventions differ."""
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
@@ -37,7 +40,7 @@ def build_model(*, n_kv_heads: int | None = None, attn_only: bool = True, seed: 
     model = HookedTransformer(cfg)
     with torch.no_grad():
         for block in model.blocks:
-            attn = block.attn
+            attn: Any = block.attn
             bias = attn._b_V if n_kv_heads else attn.b_V
             bias.normal_(0, 0.5)
             attn.b_O.normal_(0, 0.1)
@@ -55,7 +58,9 @@ def gqa_model() -> HookedTransformer:
 
 
 @pytest.fixture(params=["mha", "gqa"], scope="session")
-def any_model(request: pytest.FixtureRequest, model: HookedTransformer, gqa_model: HookedTransformer) -> HookedTransformer:
+def any_model(
+    request: pytest.FixtureRequest, model: HookedTransformer, gqa_model: HookedTransformer
+) -> HookedTransformer:
     return model if request.param == "mha" else gqa_model
 
 

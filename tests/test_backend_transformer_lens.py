@@ -72,7 +72,9 @@ def test_capture_stops_after_last_layer_needed(model, tokens) -> None:
 def test_identity_splice_leaves_logits_unchanged(any_model, tokens, convention) -> None:
     backend = backend_for(any_model)
     clean = any_model(tokens)
-    with backend.splicing({site: (lambda z: z) for site in all_sites(any_model)}, convention=convention):
+    with backend.splicing(
+        {site: (lambda z: z) for site in all_sites(any_model)}, convention=convention
+    ):
         spliced = any_model(tokens)
     torch.testing.assert_close(spliced, clean, atol=1e-5, rtol=1e-5)
 
@@ -106,13 +108,22 @@ def test_hooks_are_removed_after_an_exception(model, tokens) -> None:
     backend = backend_for(model)
     site = AttnSite.from_model(model, 0)
     hook_point = model.hook_dict[site.hook_name]
-    before = (len(hook_point._forward_hooks), len(model.hook_dict[site.pattern_hook_name]._forward_hooks))
-    with pytest.raises(RuntimeError, match="boom"), backend.capturing([site], pattern=True, values=True):
+    before = (
+        len(hook_point._forward_hooks),
+        len(model.hook_dict[site.pattern_hook_name]._forward_hooks),
+    )
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        backend.capturing([site], pattern=True, values=True),
+    ):
         assert len(hook_point._forward_hooks) == before[0] + 1
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"), backend.splicing({site: lambda z: z}):
         raise RuntimeError("boom")
-    after = (len(hook_point._forward_hooks), len(model.hook_dict[site.pattern_hook_name]._forward_hooks))
+    after = (
+        len(hook_point._forward_hooks),
+        len(model.hook_dict[site.pattern_hook_name]._forward_hooks),
+    )
     assert after == before
     clean = model(tokens)
     torch.testing.assert_close(model(tokens), clean)
@@ -124,7 +135,9 @@ def test_site_of_another_model_is_refused(model, gqa_model, tokens) -> None:
 
 
 def test_unknown_convention_lists_valid_ones(model, tokens) -> None:
-    with pytest.raises(ValueError, match=r"unknown value-bias convention 'raw'; valid: \['folded', 'included'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown value-bias convention 'raw'; valid: \['folded', 'included'\]"
+    ):
         backend_for(model).capture(tokens, [AttnSite.from_model(model, 0)], convention="raw")  # type: ignore[arg-type]
 
 

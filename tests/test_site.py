@@ -41,10 +41,13 @@ def test_layer_out_of_range_names_the_valid_range(model, layer: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "hook_name", ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.x.attn.hook_z", None]
+    "hook_name",
+    ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.x.attn.hook_z", None],
 )
 def test_non_attention_hook_name_is_refused(hook_name) -> None:
-    with pytest.raises(ValueError, match=r"expected a hook_z hook name 'blocks.<layer>.attn.hook_z'"):
+    with pytest.raises(
+        ValueError, match=r"expected a hook_z hook name 'blocks.<layer>.attn.hook_z'"
+    ):
         AttnSite.layer_of(hook_name)
 
 
@@ -56,11 +59,17 @@ def test_invalid_fields_are_refused() -> None:
 
 
 def test_unsupported_model_type_lists_supported_ones() -> None:
-    with pytest.raises(TypeError, match=r"no sae_lens_attn backend supports .*Linear.*supported: .*HookedTransformer"):
+    with pytest.raises(
+        TypeError,
+        match=r"no sae_lens_attn backend supports .*Linear.*supported: .*HookedTransformer",
+    ):
         AttnSite.from_model(torch.nn.Linear(2, 2), 0)
     assert "transformer_lens.HookedTransformer" in sla.SUPPORTED_MODEL_TYPES
 
 
 def test_unknown_hf_architecture_says_how_to_add_one() -> None:
-    with pytest.raises(ValueError, match=r"unsupported Hugging Face architecture 'FooForCausalLM'.*HF_ARCHITECTURES"):
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported Hugging Face architecture 'FooForCausalLM'.*HF_ARCHITECTURES",
+    ):
         AttnSite(0, 4, 4, 8).hf_module_path("FooForCausalLM")

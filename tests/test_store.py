@@ -9,7 +9,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 
 import sae_lens_attn as sla
-from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches
+from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches, sae_config
 
 
 def make_store(model, tokens, layers, **kwargs) -> AttnActivationStore:
@@ -29,7 +29,9 @@ def test_store_activations_equal_hook_z_flattened_head_major(any_model, tokens) 
     for layer in (0, 1):
         site = AttnSite.from_model(any_model, layer)
         z = cache[site.hook_name]  # [batch, pos, n_heads, d_head]
-        expected = torch.cat([z[:, :, h] for h in range(site.n_heads)], dim=-1).reshape(-1, site.d_in)
+        expected = torch.cat([z[:, :, h] for h in range(site.n_heads)], dim=-1).reshape(
+            -1, site.d_in
+        )
         torch.testing.assert_close(acts[site.hook_name], expected)
 
 
@@ -43,7 +45,9 @@ def test_store_serves_folded_z_by_default(model, tokens) -> None:
 def test_shuffled_stream_is_a_permutation_of_the_activations(model, tokens) -> None:
     store = make_store(model, tokens, [0], cycle=False, mix_fraction=0.0)
     served = torch.cat([b["blocks.0.attn.hook_z"] for b in store])
-    everything = torch.cat([store.activations(t)["blocks.0.attn.hook_z"] for t in TokenBatches(tokens, 4)])
+    everything = torch.cat(
+        [store.activations(t)["blocks.0.attn.hook_z"] for t in TokenBatches(tokens, 4)]
+    )
     assert served.shape == everything.shape  # 24 rows * 16 tokens = 384 = 12 batches of 32
     assert not torch.equal(served, everything)
     torch.testing.assert_close(sorted_rows(served), sorted_rows(everything))
@@ -92,8 +96,13 @@ def test_store_cycles_over_epochs_with_a_warning(model, tokens) -> None:
 
 
 def test_one_shot_iterator_source_fails_clearly_on_second_epoch(model, tokens) -> None:
-    store = AttnActivationStore(model, [0], iter([tokens[:4]]), train_batch_size_tokens=16, buffer_size_tokens=32)
-    with pytest.raises(ValueError, match="yielded no batches on a new epoch"), pytest.warns(UserWarning):
+    store = AttnActivationStore(
+        model, [0], iter([tokens[:4]]), train_batch_size_tokens=16, buffer_size_tokens=32
+    )
+    with (
+        pytest.raises(ValueError, match="yielded no batches on a new epoch"),
+        pytest.warns(UserWarning),
+    ):
         for _ in range(10):
             next(store)
 
@@ -101,7 +110,7 @@ def test_one_shot_iterator_source_fails_clearly_on_second_epoch(model, tokens) -
 def test_data_provider_trains_an_sae_with_saelens_trainer(model, tokens) -> None:
     store = make_store(model, tokens, [1])
     cfg = sla.attn_sae_training_config(model, 1, "topk", d_sae=64, k=4)
-    sae = sla.sae_config.ATTN_TRAINING_CLASSES["attn_topk"][0](cfg)
+    sae = sae_config.ATTN_TRAINING_CLASSES["attn_topk"][0](cfg)
     trainer = SAETrainer(cfg=_trainer_cfg(256), sae=sae, data_provider=store.data_provider())
     before = sae.W_dec.detach().clone()
     trainer.fit()
@@ -114,7 +123,7 @@ def test_multi_sae_trainer_trains_every_layer_from_one_stream(model, tokens) -> 
     saes = {}
     for layer in (0, 1):
         cfg = sla.attn_sae_training_config(model, layer, "standard", d_sae=48)
-        saes[f"L{layer}"] = sla.sae_config.ATTN_TRAINING_CLASSES["attn_standard"][0](cfg)
+        saes[f"L{layer}"] = sae_config.ATTN_TRAINING_CLASSES["attn_standard"][0](cfg)
     hook_names = {f"L{layer}": f"blocks.{layer}.attn.hook_z" for layer in (0, 1)}
     MultiSAETrainer(_trainer_cfg(256), saes, hook_names, store).fit()
     assert store.model_passes <= 8
@@ -128,7 +137,10 @@ def test_data_provider_refuses_a_multi_site_store(model, tokens) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"train_batch_size_tokens": 256, "buffer_size_tokens": 128}, "train_batch_size_tokens <= buffer_size_tokens"),
+        (
+            {"train_batch_size_tokens": 256, "buffer_size_tokens": 128},
+            "train_batch_size_tokens <= buffer_size_tokens",
+        ),
         ({"mix_fraction": 1.0}, r"mix_fraction must be in \[0, 1\)"),
         ({"convention": "raw"}, "unknown value-bias convention"),
     ],
@@ -154,7 +166,9 @@ def test_token_batches_from_texts_put_bos_first_as_saelens_does() -> None:
         def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
             return {"input_ids": [ord(c) % 50 + 2 for c in text]}
 
-    batches = TokenBatches.from_texts(CharTokenizer(), ["hello world"] * 10, context_size=8, batch_size=3)
+    batches = TokenBatches.from_texts(
+        CharTokenizer(), ["hello world"] * 10, context_size=8, batch_size=3
+    )
     assert batches.tokens.shape[1] == 8
     assert (batches.tokens[:, 0] == 1).all()
     with pytest.raises(ValueError, match="fewer than context_size=64 tokens"):
@@ -162,4 +176,6 @@ def test_token_batches_from_texts_put_bos_first_as_saelens_does() -> None:
 
 
 def _trainer_cfg(total: int) -> SAETrainerConfig:
-    return SAETrainerConfig(total_training_samples=total, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3)
+    return SAETrainerConfig(
+        total_training_samples=total, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3
+    )

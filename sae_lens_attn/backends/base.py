@@ -13,22 +13,22 @@ from torch import Tensor
 
 from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite, ValueBiasConvention
 
-ZReplacement = Callable[[Float[Tensor, "batch pos n_heads d_head"]], Tensor]
+ZReplacement = Callable[[Float[Tensor, " batch pos n_heads d_head"]], Tensor]
 """Maps z (in the requested value-bias convention) to the z the model should use instead."""
 
 
 class AttnCapture(NamedTuple):
     """What one forward pass saw at one attention site, in one value-bias convention."""
 
-    z: Float[Tensor, "batch pos n_heads d_head"]
+    z: Float[Tensor, " batch pos n_heads d_head"]
     """Per-head attention outputs, the input of W_O."""
-    pattern: Float[Tensor, "batch n_heads q k"] | None
+    pattern: Float[Tensor, " batch n_heads q k"] | None
     """Attention probabilities, if requested."""
-    values: Float[Tensor, "batch pos n_heads d_head"] | None
+    values: Float[Tensor, " batch pos n_heads d_head"] | None
     """Values with grouped KV heads expanded to query heads, if requested."""
 
     @property
-    def z_flat(self) -> Float[Tensor, "batch pos d_in"]:
+    def z_flat(self) -> Float[Tensor, " batch pos d_in"]:
         """z with heads concatenated head-major, the SAE's input."""
         return self.z.flatten(-2)
 
@@ -42,7 +42,7 @@ class Captures(Mapping[int, AttnCapture]):
     def __init__(
         self,
         sites: Iterable[AttnSite],
-        value_biases: Mapping[int, Float[Tensor, "n_heads d_head"]],
+        value_biases: Mapping[int, Float[Tensor, " n_heads d_head"]],
         convention: ValueBiasConvention,
     ) -> None:
         self.sites = {site.layer: site for site in sites}
@@ -74,8 +74,8 @@ class Captures(Mapping[int, AttnCapture]):
 
 
 def expand_kv_heads(
-    values: Float[Tensor, "batch pos n_kv_heads d_head"], site: AttnSite
-) -> Float[Tensor, "batch pos n_heads d_head"]:
+    values: Float[Tensor, " batch pos n_kv_heads d_head"], site: AttnSite
+) -> Float[Tensor, " batch pos n_heads d_head"]:
     """Give each query head the values of the KV head it reads (``kv(h) = h // group_size``)."""
     if values.shape[-2] == site.n_heads:
         return values
@@ -112,7 +112,7 @@ class AttnBackend(ABC):
         """The attention site of ``layer``; raises ``ValueError`` when it is out of range."""
 
     @abstractmethod
-    def value_bias(self, site: AttnSite) -> Float[Tensor, "n_heads d_head"]:
+    def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
         """b_V per query head as the model holds it now (zeros if the model has none or folded it)."""
 
     @abstractmethod
@@ -138,11 +138,11 @@ class AttnBackend(ABC):
     @abstractmethod
     def forward(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, " batch pos"],
         *,
         stop_at_layer: int | None = None,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab"] | None:
+        attention_mask: Int[Tensor, " batch pos"] | None = None,
+    ) -> Float[Tensor, " batch pos d_vocab"] | None:
         """Run the model on ``tokens``; with ``stop_at_layer=n`` only layers ``0..n-1`` run
         (and ``None`` is returned)."""
 
@@ -153,13 +153,13 @@ class AttnBackend(ABC):
     @torch.no_grad()
     def capture(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, " batch pos"],
         sites: Iterable[AttnSite],
         *,
         pattern: bool = False,
         values: bool = False,
         convention: ValueBiasConvention = "folded",
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, " batch pos"] | None = None,
     ) -> Captures:
         """One forward pass, stopped after the last layer needed, capturing every site."""
         sites = list(sites)

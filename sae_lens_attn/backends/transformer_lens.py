@@ -42,7 +42,7 @@ class TransformerLensBackend(AttnBackend):
             d_head=cfg.d_head,
         )
 
-    def value_bias(self, site: AttnSite) -> Float[Tensor, "n_heads d_head"]:
+    def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
         # `b_V` expands grouped KV heads to query heads on GroupedQueryAttention.
         return self.model.blocks[site.layer].attn.b_V.detach()
 
@@ -84,11 +84,11 @@ class TransformerLensBackend(AttnBackend):
 
     def forward(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, " batch pos"],
         *,
         stop_at_layer: int | None = None,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab"] | None:
+        attention_mask: Int[Tensor, " batch pos"] | None = None,
+    ) -> Float[Tensor, " batch pos d_vocab"] | None:
         if stop_at_layer is not None and stop_at_layer < self.n_layers:
             self.model(
                 tokens, return_type=None, stop_at_layer=stop_at_layer, attention_mask=attention_mask
@@ -100,7 +100,9 @@ class TransformerLensBackend(AttnBackend):
         """``site`` if it is one of this model's sites, else a clear error."""
         mine = self.site(site.layer)
         if mine != site:
-            raise ValueError(f"{site} does not belong to this model, whose layer {site.layer} is {mine}")
+            raise ValueError(
+                f"{site} does not belong to this model, whose layer {site.layer} is {mine}"
+            )
         return site
 
     @contextmanager
@@ -135,4 +137,3 @@ def _splicer(replace: ZReplacement, bias: Tensor | None) -> HookFn:
         return replace(z - bias) + bias
 
     return splice
-

@@ -5,6 +5,9 @@ and changes nothing else.
 """
 
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
+from sae_lens_attn.backends.nnsight import NNsightBackend
+from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
+from sae_lens_attn.hooked import HookedHFModel, hooked
 from sae_lens_attn.registration import register_training_classes
 from sae_lens_attn.sae_config import (
     AttnBatchTopKTrainingSAEConfig,
@@ -30,10 +33,14 @@ __all__ = [
     "AttnSite",
     "AttnStandardTrainingSAEConfig",
     "AttnTopKTrainingSAEConfig",
+    "HookedHFModel",
+    "NNsightBackend",
     "TokenBatches",
+    "TransformerLensBackend",
     "ValueBiasConvention",
     "__version__",
     "attn_sae_training_config",
     "backend_for",
+    "hooked",
     "train_attn_saes",
 ]

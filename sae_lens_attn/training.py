@@ -15,7 +15,6 @@ from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
 
-from sae_lens_attn.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES, AttnArchitecture, AttnTrainingFields
 from sae_lens_attn.site import AttnSite
@@ -48,14 +47,13 @@ def attn_sae_training_config(
     site = backend.site(layer)
     # z carries whatever b_V the model holds now: none (folded or bias-free) or the real one.
     has_value_bias = bool(backend.value_bias(site).abs().max() > 0)
-    arch = getattr(getattr(model, "cfg", None), "original_architecture", None)
     cfg_cls: Any = ATTN_TRAINING_CLASSES[name][1]
     cfg: AttnTrainingFields = cfg_cls(
         d_in=site.d_in,
         n_heads=site.n_heads,
         n_kv_heads=site.n_kv_heads,
         value_bias_convention="included" if has_value_bias else "folded",
-        hf_architecture=arch if arch in HF_ARCHITECTURES else None,
+        hf_architecture=backend.hf_architecture_name,
         **kwargs,
     )
     cfg.metadata.hook_name = site.hook_name  # type: ignore[attr-defined]

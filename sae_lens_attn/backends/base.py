@@ -73,6 +73,31 @@ class Captures(Mapping[int, AttnCapture]):
         return len(self.sites)
 
 
+ActivationFn = Callable[[Tensor], Tensor | None]
+"""Sees one activation; for z, a returned tensor replaces it in the forward pass."""
+
+
+def saver(store: dict[tuple[int, str], Tensor], key: tuple[int, str]) -> ActivationFn:
+    """An ``ActivationFn`` that keeps a detached copy of what it sees under ``key``."""
+
+    def save(activation: Tensor) -> None:
+        store[key] = activation.detach()
+
+    return save
+
+
+def splicer(replace: ZReplacement, bias: Tensor | None) -> ActivationFn:
+    """An ``ActivationFn`` that replaces z by ``replace(z)``, converting to the folded
+    convention and back when the model's ``bias`` (b_V per head) is given."""
+
+    def splice(z: Tensor) -> Tensor:
+        if bias is None:
+            return replace(z)
+        return replace(z - bias) + bias
+
+    return splice
+
+
 def expand_kv_heads(
     values: Float[Tensor, " batch pos n_kv_heads d_head"], site: AttnSite
 ) -> Float[Tensor, " batch pos n_heads d_head"]:
@@ -106,6 +131,11 @@ class AttnBackend(ABC):
     @abstractmethod
     def n_layers(self) -> int:
         """Number of attention layers."""
+
+    @property
+    def hf_architecture_name(self) -> str | None:
+        """The model's Hugging Face class in ``HF_ARCHITECTURES``, when it has one."""
+        return None
 
     @abstractmethod
     def site(self, layer: int) -> AttnSite:

@@ -10,15 +10,19 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
+from sae_lens_attn.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends.base import (
+    ActivationFn,
     AttnBackend,
     Captures,
     ZReplacement,
     check_convention,
+    saver,
+    splicer,
 )
 from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
 
-HookFn = Callable[[Tensor], Tensor | None]
+HookFn = ActivationFn
 
 
 class TransformerLensBackend(AttnBackend):
@@ -32,6 +36,11 @@ class TransformerLensBackend(AttnBackend):
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
+
+    @property
+    def hf_architecture_name(self) -> str | None:
+        name = self.model.cfg.original_architecture
+        return name if name in HF_ARCHITECTURES else None
 
     def site(self, layer: int) -> AttnSite:
         cfg = self.model.cfg
@@ -59,11 +68,11 @@ class TransformerLensBackend(AttnBackend):
         captures = Captures(sites, self.value_biases(sites), check_convention(convention))
         hooks: dict[str, HookFn] = {}
         for site in sites:
-            hooks[site.hook_name] = _saver(captures.raw, (site.layer, "z"))
+            hooks[site.hook_name] = saver(captures.raw, (site.layer, "z"))
             if pattern:
-                hooks[site.pattern_hook_name] = _saver(captures.raw, (site.layer, "pattern"))
+                hooks[site.pattern_hook_name] = saver(captures.raw, (site.layer, "pattern"))
             if values:
-                hooks[site.values_hook_name] = _saver(captures.raw, (site.layer, "values"))
+                hooks[site.values_hook_name] = saver(captures.raw, (site.layer, "values"))
         with self._hooked(hooks):
             yield captures
 
@@ -78,7 +87,7 @@ class TransformerLensBackend(AttnBackend):
         hooks: dict[str, HookFn] = {}
         for site, replace in replacements.items():
             bias = self.value_bias(self._own(site)) if convention == "folded" else None
-            hooks[site.hook_name] = _splicer(replace, bias)
+            hooks[site.hook_name] = splicer(replace, bias)
         with self._hooked(hooks):
             yield
 
@@ -121,19 +130,3 @@ class TransformerLensBackend(AttnBackend):
 
 def _as_torch_hook(fn: HookFn) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
     return lambda _module, _inputs, output: fn(output)
-
-
-def _saver(store: dict[tuple[int, str], Tensor], key: tuple[int, str]) -> HookFn:
-    def save(activation: Tensor) -> None:
-        store[key] = activation.detach()
-
-    return save
-
-
-def _splicer(replace: ZReplacement, bias: Tensor | None) -> HookFn:
-    def splice(z: Tensor) -> Tensor:
-        if bias is None:
-            return replace(z)
-        return replace(z - bias) + bias
-
-    return splice

@@ -1,0 +1,320 @@
+"""nnsight backend: z, patterns and values of any Hugging Face causal LM in the architecture table.
+
+z is the input of the attention output projection, read and replaced inside an nnsight trace,
+so the same code runs locally and, with ``remote=True``, on NDIF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
+
+import nnsight
+import torch
+from jaxtyping import Float, Int
+from nnsight import Envoy
+from torch import Tensor, nn
+
+from sae_lens_attn.architectures import HF_ARCHITECTURES, hf_architecture
+from sae_lens_attn.backends.base import (
+    ActivationFn,
+    AttnBackend,
+    Captures,
+    ZReplacement,
+    check_convention,
+    expand_kv_heads,
+    saver,
+    splicer,
+)
+from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
+
+
+@dataclass
+class Interventions:
+    """Per-layer callbacks for one traced forward pass, in TransformerLens shapes.
+
+    z ``[batch, pos, n_heads, d_head]`` (as the model computes it), values
+    ``[batch, pos, n_kv_heads, d_head]``, patterns ``[batch, n_heads, q, k]``.
+    """
+
+    z: dict[int, list[ActivationFn]] = field(default_factory=dict)
+    values: dict[int, list[ActivationFn]] = field(default_factory=dict)
+    patterns: dict[int, list[ActivationFn]] = field(default_factory=dict)
+
+    def add(self, kind: str, layer: int, fn: ActivationFn) -> None:
+        getattr(self, kind).setdefault(layer, []).append(fn)
+
+    def merged(self, other: Interventions) -> Interventions:
+        out = Interventions()
+        for source in (self, other):
+            for kind in ("z", "values", "patterns"):
+                for layer, fns in getattr(source, kind).items():
+                    getattr(out, kind).setdefault(layer, []).extend(fns)
+        return out
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({*self.z, *self.values, *self.patterns})
+
+
+class NNsightBackend(AttnBackend):
+    """Captures and splices z on a Hugging Face causal LM through nnsight.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` or an nnsight model wrapping one.
+        tokenizer: the model's tokenizer; needed only to wrap a plain model with nnsight, and
+            loaded from the model's ``name_or_path`` when not given.
+        remote: run every trace on NDIF (``model.trace(..., remote=True)``); the code path is
+            the same as locally. Needs an NDIF API key (see nnsight's documentation).
+    """
+
+    name = "nnsight"
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, remote: bool = False) -> None:
+        self._lm: Envoy | None = model if isinstance(model, Envoy) else None
+        self.model: nn.Module = model._module if isinstance(model, Envoy) else model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.remote = remote
+        self.arch_name = _architecture_name(self.model)
+        self.arch = hf_architecture(self.arch_name)
+        config = self.model.config
+        self._n_heads: int = config.num_attention_heads
+        self._n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self._n_heads
+        if self._n_heads % self._n_kv_heads:
+            raise ValueError(
+                f"{type(self.model).__name__} has n_heads={self._n_heads}, not a multiple of "
+                f"n_kv_heads={self._n_kv_heads}: grouped-query attention needs whole groups"
+            )
+        self._n_layers = len(_module_at(self.model, self.arch.layers_path))
+        out_proj = _module_at(self.model, self.arch.out_proj_path(0))
+        # Linear has in_features; GPT-2's Conv1D stores its weight as [in, out].
+        d_in = getattr(out_proj, "in_features", None) or out_proj.weight.shape[0]
+        if d_in % self._n_heads:
+            raise ValueError(
+                f"z width {d_in} of {type(self.model).__name__} is not a multiple of n_heads={self._n_heads}"
+            )
+        self._d_head = d_in // self._n_heads
+        self._active: list[Interventions] = []
+
+    @property
+    def lm(self) -> Envoy:
+        """The nnsight model (wrapping the Hugging Face model on first use)."""
+        if self._lm is None:
+            from nnsight.modeling.transformers import TransformersModel
+
+            tokenizer = self.tokenizer or _load_tokenizer(self.model)
+            padding_side = tokenizer.padding_side  # nnsight sets it to "left"; keep the caller's
+            self._lm = TransformersModel(self.model, tokenizer=tokenizer)
+            tokenizer.padding_side = padding_side
+        return self._lm
+
+    @property
+    def hf_architecture_name(self) -> str | None:
+        return self.arch_name
+
+    @property
+    def n_layers(self) -> int:
+        return self._n_layers
+
+    def site(self, layer: int) -> AttnSite:
+        return AttnSite(
+            layer=check_layer(layer, self._n_layers),
+            n_heads=self._n_heads,
+            n_kv_heads=self._n_kv_heads,
+            d_head=self._d_head,
+        )
+
+    def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
+        bias = getattr(
+            _module_at(self.model, self.arch.path(site.layer, self.arch.values)), "bias", None
+        )
+        if bias is None:
+            return torch.zeros(site.n_heads, site.d_head, device=self._device, dtype=self._dtype)
+        per_kv_head = self.arch.read_values(bias.detach(), site.n_kv_heads, site.d_head)
+        return expand_kv_heads(per_kv_head, site)
+
+    @contextmanager
+    def capturing(
+        self,
+        sites: Iterable[AttnSite],
+        *,
+        pattern: bool = False,
+        values: bool = False,
+        convention: ValueBiasConvention = "folded",
+    ) -> Iterator[Captures]:
+        sites = [self._own(site) for site in sites]
+        captures = Captures(sites, self.value_biases(sites), check_convention(convention))
+        plan = Interventions()
+        for site in sites:
+            plan.add("z", site.layer, saver(captures.raw, (site.layer, "z")))
+            if pattern:
+                plan.add("patterns", site.layer, saver(captures.raw, (site.layer, "pattern")))
+            if values:
+                plan.add("values", site.layer, saver(captures.raw, (site.layer, "values")))
+        with self.intervening(plan):
+            yield captures
+
+    @contextmanager
+    def splicing(
+        self,
+        replacements: Mapping[AttnSite, ZReplacement],
+        *,
+        convention: ValueBiasConvention = "folded",
+    ) -> Iterator[None]:
+        check_convention(convention)
+        plan = Interventions()
+        for site, replace in replacements.items():
+            bias = self.value_bias(self._own(site)) if convention == "folded" else None
+            plan.add("z", site.layer, splicer(replace, bias))
+        with self.intervening(plan):
+            yield
+
+    @contextmanager
+    def intervening(self, plan: Interventions) -> Iterator[None]:
+        """Apply ``plan`` to every ``forward`` inside the block; always removed on exit."""
+        self._active.append(plan)
+        try:
+            yield
+        finally:
+            self._active.remove(plan)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, " batch pos"],
+        *,
+        stop_at_layer: int | None = None,
+        attention_mask: Int[Tensor, " batch pos"] | None = None,
+    ) -> Float[Tensor, " batch pos d_vocab"] | None:
+        plan = reduce(Interventions.merged, self._active, Interventions())
+        return self.run(tokens, plan, stop_at_layer=stop_at_layer, attention_mask=attention_mask)
+
+    def run(
+        self,
+        tokens: Int[Tensor, " batch pos"],
+        plan: Interventions,
+        *,
+        stop_at_layer: int | None = None,
+        attention_mask: Int[Tensor, " batch pos"] | None = None,
+    ) -> Float[Tensor, " batch pos d_vocab"] | None:
+        """One traced forward pass applying ``plan``; logits unless stopped early.
+
+        With an attention mask, position ids count real tokens only, so left-padded rows see
+        the positions they would see alone.
+        """
+        stops = stop_at_layer is not None and stop_at_layer < self._n_layers
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        grad = torch.is_grad_enabled()  # the trace body runs in another thread
+        lm, arch, n_kv_heads, d_head = self.lm, self.arch, self._n_kv_heads, self._d_head
+        with (
+            self._patterns_available(bool(plan.patterns)),
+            lm.trace(tokens, remote=self.remote, **kwargs) as tracer,
+        ):
+            result = nnsight.save({})
+            with torch.set_grad_enabled(grad):
+                for layer in plan.layers:
+                    for fn in plan.values.get(layer, []):
+                        out = _envoy_at(lm, arch.path(layer, arch.values)).output
+                        fn(arch.read_values(out, n_kv_heads, d_head))
+                    if layer in plan.z:
+                        envoy = _envoy_at(lm, arch.path(layer, arch.out_proj))
+                        z = envoy.input.unflatten(-1, (-1, d_head))
+                        replaced = False
+                        for fn in plan.z[layer]:
+                            new = fn(z)
+                            if new is not None:
+                                z, replaced = new, True
+                        if replaced:
+                            envoy.input = z.flatten(-2)
+                    if layer in plan.patterns:
+                        weights = _envoy_at(lm, arch.path(layer, arch.attn)).output[1]
+                        if weights is None:
+                            raise RuntimeError(
+                                f"{type(self.model).__name__} returned no attention weights at layer "
+                                f"{layer}; its attention implementation cannot produce patterns"
+                            )
+                        for fn in plan.patterns[layer]:
+                            fn(weights)
+            if stops:
+                tracer.stop()
+            else:
+                result["logits"] = lm.output.logits
+        return result.get("logits")
+
+    def _patterns_available(self, needed: bool) -> Any:
+        """Run with eager attention while patterns are needed (SDPA returns no weights)."""
+        if not needed or self.model.config._attn_implementation == "eager":
+            return nullcontext()
+        if not self.arch.eager_patterns:
+            raise ValueError(
+                f"attention patterns were requested from {type(self.model).__name__} running "
+                f"{self.model.config._attn_implementation!r} attention, and recomputing them with "
+                "eager attention is not supported for it: load it with attn_implementation='eager'"
+            )
+        return _eager_attention(self.model)
+
+    def _own(self, site: AttnSite) -> AttnSite:
+        mine = self.site(site.layer)
+        if mine != site:
+            raise ValueError(
+                f"{site} does not belong to this model, whose layer {site.layer} is {mine}"
+            )
+        return site
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    configs = {
+        id(c): c
+        for c in [model.config, *(getattr(m, "config", None) for m in model.modules())]
+        if c is not None and hasattr(c, "_attn_implementation")
+    }
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
+def _architecture_name(model: nn.Module) -> str:
+    names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])]
+    return next((name for name in names if name in HF_ARCHITECTURES), names[0])
+
+
+def _module_at(root: nn.Module, path: str) -> Any:
+    return root.get_submodule(path)
+
+
+def _envoy_at(lm: Envoy, path: str) -> Any:
+    envoy: Any = lm
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def _load_tokenizer(model: nn.Module) -> Any:
+    from transformers import AutoTokenizer
+
+    name = getattr(model.config, "name_or_path", "")
+    if not name:
+        raise ValueError(
+            f"wrapping a {type(model).__name__} built from a config with nnsight needs its "
+            "tokenizer: pass tokenizer=..."
+        )
+    return AutoTokenizer.from_pretrained(name)

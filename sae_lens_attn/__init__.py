@@ -1,13 +1,26 @@
 """sae-lens-attn: sparse autoencoders on attention layer outputs (hook_z) for SAELens.
 
-Importing the package registers the ``attn_*`` training architectures with SAELens (idempotent)
-and changes nothing else.
+Importing the package registers the ``attn_*`` training architectures with SAELens, and its
+pretrained releases (``gpt2-small-attn-z``) and converters with SAELens's pretrained directory and
+loader tables (idempotent, no network), and changes nothing else.
 """
 
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
 from sae_lens_attn.backends.nnsight import NNsightBackend
 from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
 from sae_lens_attn.hooked import HookedHFModel, hooked
+from sae_lens_attn.pretrained import (
+    RELEASES_ENV_VAR,
+    PublishResult,
+    Release,
+    ReleaseSAE,
+    SAEMetrics,
+    get_release,
+    publish,
+    register_pretrained,
+    register_release,
+    unregister_release,
+)
 from sae_lens_attn.registration import register_training_classes
 from sae_lens_attn.sae_config import (
     AttnBatchTopKTrainingSAEConfig,
@@ -22,8 +35,10 @@ from sae_lens_attn.training import attn_sae_training_config, train_attn_saes
 __version__ = "0.1.0"
 
 register_training_classes()
+register_pretrained()
 
 __all__ = [
+    "RELEASES_ENV_VAR",
     "SUPPORTED_MODEL_TYPES",
     "AttnActivationStore",
     "AttnBackend",
@@ -35,12 +50,20 @@ __all__ = [
     "AttnTopKTrainingSAEConfig",
     "HookedHFModel",
     "NNsightBackend",
+    "PublishResult",
+    "Release",
+    "ReleaseSAE",
+    "SAEMetrics",
     "TokenBatches",
     "TransformerLensBackend",
     "ValueBiasConvention",
     "__version__",
     "attn_sae_training_config",
     "backend_for",
+    "get_release",
     "hooked",
+    "publish",
+    "register_release",
     "train_attn_saes",
+    "unregister_release",
 ]

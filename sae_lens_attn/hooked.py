@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -70,7 +71,7 @@ class HookedHFModel(HookedRootModule):
         super().__init__()
         backend = NNsightBackend(model, tokenizer, remote=remote)
         self.attn_backend = backend
-        self.model = backend.model
+        self.model: Any = backend.model
         self.tokenizer = backend.tokenizer
         site = backend.site(0)
         self.cfg = HookedHFConfig(
@@ -130,23 +131,22 @@ class HookedHFModel(HookedRootModule):
                 "to_tokens needs a tokenizer: pass one to sla.hooked(model, tokenizer)"
             )
         texts = [input] if isinstance(input, str) else list(input)
+        rows = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         bos = self.tokenizer.bos_token_id
         if prepend_bos is not False and bos is not None:
-            texts = [self.tokenizer.bos_token + text for text in texts]
-        if padding_side is not None:
-            self.tokenizer.padding_side = padding_side
-        max_length = (
-            getattr(self.model.config, "max_position_embeddings", None) if truncate else None
-        )
-        encoded = self.tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            truncation=max_length is not None,
-            max_length=max_length,
-            add_special_tokens=False,
-        )
-        tokens = encoded["input_ids"]
+            rows = [[bos, *row] for row in rows]
+        max_length = getattr(self.model.config, "max_position_embeddings", None)
+        if truncate and max_length:
+            rows = [row[:max_length] for row in rows]
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        left = (padding_side or self.tokenizer.padding_side) == "left"
+        width = max(len(row) for row in rows)
+        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, slice(width - len(row), width) if left else slice(0, len(row))] = (
+                torch.tensor(row)
+            )
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def _plan(self) -> Interventions:

@@ -190,7 +190,15 @@ class AttnBatchTopKTrainingSAE(AttnTrainingChecks, BatchTopKTrainingSAE):
     """``BatchTopKTrainingSAE`` on hook_z."""
 
 
-ATTN_TRAINING_CLASSES: dict[str, tuple[type[TrainingSAE[Any]], type[AttnTrainingFields]]] = {
+AttnTrainingSAEConfig = (
+    AttnStandardTrainingSAEConfig
+    | AttnTopKTrainingSAEConfig
+    | AttnJumpReLUTrainingSAEConfig
+    | AttnBatchTopKTrainingSAEConfig
+)
+"""Any attention training config: a SAELens ``TrainingSAEConfig`` with ``AttnTrainingFields``."""
+
+ATTN_TRAINING_CLASSES: dict[str, tuple[type[TrainingSAE[Any]], type[AttnTrainingSAEConfig]]] = {
     cfg_cls.architecture(): (sae_cls, cfg_cls)
     for sae_cls, cfg_cls in [
         (AttnStandardTrainingSAE, AttnStandardTrainingSAEConfig),

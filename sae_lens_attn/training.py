@@ -16,7 +16,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
 
 from sae_lens_attn.backends import backend_for
-from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES, AttnArchitecture, AttnTrainingFields
+from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES, AttnArchitecture, AttnTrainingSAEConfig
 from sae_lens_attn.site import AttnSite
 from sae_lens_attn.store import AttnActivationStore, TokenBatch
 
@@ -26,7 +26,7 @@ def attn_sae_training_config(
     layer: int,
     architecture: AttnArchitecture = "standard",
     **kwargs: Any,
-) -> AttnTrainingFields:
+) -> AttnTrainingSAEConfig:
     """The training config of an attention SAE for ``layer`` of ``model``.
 
     Fills ``d_in``, the head structure, the hook name, the value-bias convention the backend
@@ -45,18 +45,16 @@ def attn_sae_training_config(
         )
     backend = backend_for(model)
     site = backend.site(layer)
-    # z carries whatever b_V the model holds now: none (folded or bias-free) or the real one.
-    has_value_bias = bool(backend.value_bias(site).abs().max() > 0)
     cfg_cls: Any = ATTN_TRAINING_CLASSES[name][1]
-    cfg: AttnTrainingFields = cfg_cls(
+    cfg: AttnTrainingSAEConfig = cfg_cls(
         d_in=site.d_in,
         n_heads=site.n_heads,
         n_kv_heads=site.n_kv_heads,
-        value_bias_convention="included" if has_value_bias else "folded",
+        value_bias_convention=backend.native_convention,
         hf_architecture=backend.hf_architecture_name,
         **kwargs,
     )
-    cfg.metadata.hook_name = site.hook_name  # type: ignore[attr-defined]
+    cfg.metadata.hook_name = site.hook_name
     return cfg
 
 
@@ -96,10 +94,10 @@ def train_attn_saes(
         raise FileExistsError(
             f"refusing to overwrite non-empty SAE folders {taken}; pass overwrite=True"
         )
+    configs = [attn_sae_training_config(model, s.layer, architecture, **sae_kwargs) for s in sites]
     saes: dict[str, TrainingSAE[Any]] = {}
-    for site in sites:
-        cfg = attn_sae_training_config(model, site.layer, architecture, **sae_kwargs)
-        cfg.metadata.model_name = model_name  # type: ignore[attr-defined]
+    for site, cfg in zip(sites, configs, strict=True):
+        cfg.metadata.model_name = model_name
         saes[site.hook_name] = ATTN_TRAINING_CLASSES[cfg.architecture()][0](cfg)
     store = AttnActivationStore(
         model,
@@ -107,7 +105,7 @@ def train_attn_saes(
         token_batches,
         train_batch_size_tokens=train_batch_size_tokens,
         buffer_size_tokens=buffer_size_tokens,
-        convention=next(iter(saes.values())).cfg.value_bias_convention,  # type: ignore[attr-defined]
+        convention=configs[0].value_bias_convention or "folded",
         exclude_special_tokens=exclude_special_tokens,
         seed=seed,
     )

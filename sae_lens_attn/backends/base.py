@@ -137,6 +137,13 @@ class AttnBackend(ABC):
         """The model's Hugging Face class in ``HF_ARCHITECTURES``, when it has one."""
         return None
 
+    @property
+    def native_convention(self) -> ValueBiasConvention:
+        """The convention of z as this model computes it: ``"included"`` if it holds a non-zero
+        b_V, else ``"folded"`` (folded away, or a model without value biases)."""
+        biases = (self.value_bias(self.site(layer)) for layer in range(self.n_layers))
+        return "included" if any(bool(b.abs().max() > 0) for b in biases) else "folded"
+
     @abstractmethod
     def site(self, layer: int) -> AttnSite:
         """The attention site of ``layer``; raises ``ValueError`` when it is out of range."""

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Any
+from typing import Any, cast
 
 import nnsight
 import torch
@@ -65,8 +65,7 @@ class NNsightBackend(AttnBackend):
 
     Args:
         model: a ``transformers.PreTrainedModel`` or an nnsight model wrapping one.
-        tokenizer: the model's tokenizer; needed only to wrap a plain model with nnsight, and
-            loaded from the model's ``name_or_path`` when not given.
+        tokenizer: the model's tokenizer, for callers that tokenize text (``sla.hooked``).
         remote: run every trace on NDIF (``model.trace(..., remote=True)``); the code path is
             the same as locally. Needs an NDIF API key (see nnsight's documentation).
     """
@@ -75,7 +74,7 @@ class NNsightBackend(AttnBackend):
 
     def __init__(self, model: Any, tokenizer: Any = None, *, remote: bool = False) -> None:
         self._lm: Envoy | None = model if isinstance(model, Envoy) else None
-        self.model: nn.Module = model._module if isinstance(model, Envoy) else model
+        self.model: Any = model._module if isinstance(model, Envoy) else model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.remote = remote
         self.arch_name = _architecture_name(self.model)
@@ -101,19 +100,22 @@ class NNsightBackend(AttnBackend):
 
     @property
     def lm(self) -> Envoy:
-        """The nnsight model (wrapping the Hugging Face model on first use)."""
-        if self._lm is None:
-            from nnsight.modeling.transformers import TransformersModel
+        """The nnsight model: the caller's, or ``nnsight.NNsight`` around a plain model.
 
-            tokenizer = self.tokenizer or _load_tokenizer(self.model)
-            padding_side = tokenizer.padding_side  # nnsight sets it to "left"; keep the caller's
-            self._lm = TransformersModel(self.model, tokenizer=tokenizer)
-            tokenizer.padding_side = padding_side
+        Token ids are all the backend feeds, so a plain model needs no tokenizer. Remote runs
+        need an nnsight model that names its checkpoint (e.g. ``LanguageModel(repo_id)``).
+        """
+        if self._lm is None:
+            self._lm = nnsight.NNsight(self.model)
         return self._lm
 
     @property
     def hf_architecture_name(self) -> str | None:
         return self.arch_name
+
+    @property
+    def native_convention(self) -> ValueBiasConvention:
+        return "included"  # Hugging Face models never fold b_V away
 
     @property
     def n_layers(self) -> int:
@@ -211,6 +213,7 @@ class NNsightBackend(AttnBackend):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         grad = torch.is_grad_enabled()  # the trace body runs in another thread
         lm, arch, n_kv_heads, d_head = self.lm, self.arch, self._n_kv_heads, self._d_head
+        result: dict[str, Tensor] = {}
         with (
             self._patterns_available(bool(plan.patterns)),
             lm.trace(tokens, remote=self.remote, **kwargs) as tracer,
@@ -241,7 +244,7 @@ class NNsightBackend(AttnBackend):
                         for fn in plan.patterns[layer]:
                             fn(weights)
             if stops:
-                tracer.stop()
+                cast(Any, tracer).stop()  # untyped in nnsight
             else:
                 result["logits"] = lm.output.logits
         return result.get("logits")
@@ -306,15 +309,3 @@ def _envoy_at(lm: Envoy, path: str) -> Any:
     for part in path.split("."):
         envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
     return envoy
-
-
-def _load_tokenizer(model: nn.Module) -> Any:
-    from transformers import AutoTokenizer
-
-    name = getattr(model.config, "name_or_path", "")
-    if not name:
-        raise ValueError(
-            f"wrapping a {type(model).__name__} built from a config with nnsight needs its "
-            "tokenizer: pass tokenizer=..."
-        )
-    return AutoTokenizer.from_pretrained(name)

@@ -27,6 +27,53 @@ def _info(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from sae_lens_attn.pretrained import publish
+
+    ids = args.id or [Path(folder).name for folder in args.sae_dirs]
+    if len(ids) != len(args.sae_dirs):
+        print(
+            f"error: {len(ids)} --id for {len(args.sae_dirs)} SAE folders; give one per folder",
+            file=sys.stderr,
+        )
+        return 2
+    bad = [link for link in args.link or [] if "=" not in link]
+    if bad:
+        print(f"error: --link expects KEY=URL, got {bad}", file=sys.stderr)
+        return 2
+    links = dict(link.split("=", 1) for link in args.link or [])
+    try:
+        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+        result = publish(
+            dict(zip(ids, args.sae_dirs, strict=True)),
+            args.out,
+            release=args.release,
+            repo_id=args.repo_id,
+            metrics=metrics,
+            model_name=args.model_name,
+            links=links,
+            overwrite=args.overwrite,
+            push=args.push,
+            private=args.private,
+        )
+    except (ValueError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"published release {result.release.name!r} ({len(result.sae_dirs)} SAEs) to {result.out_dir}"
+    )
+    print(f"  model card:      {result.model_card}")
+    print(f"  SAELens entry:   {result.yaml_entry}")
+    print(f"  SAELens test:    {result.loader_test}")
+    if result.commit:
+        print(f"  pushed to https://huggingface.co/{args.repo_id} (commit {result.commit})")
+    print(result.yaml_entry.read_text(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-lens-attn",
@@ -37,6 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show versions, registered architectures and supported models"
     )
     info.set_defaults(run=_info)
+    publish = commands.add_parser(
+        "publish",
+        help="write saved SAEs as a release: SAELens folders, model card, SAELens YAML entry",
+        description="Write saved attention SAEs as a release folder (SAELens-native SAE folders, "
+        "README.md model card, upstream/pretrained_saes.yaml and upstream/test_<release>.py for a "
+        "SAELens pull request), and with --push upload it to the Hugging Face Hub as one commit. "
+        "Metrics come from --metrics; to measure them on tokens use sae_lens_attn.publish.",
+    )
+    publish.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="saved SAE folders")
+    publish.add_argument("--release", required=True, help="release name (no '/')")
+    publish.add_argument("--repo-id", required=True, help="Hugging Face repository owner/name")
+    publish.add_argument("--out", required=True, help="folder to write")
+    publish.add_argument(
+        "--id", action="append", help="SAE id per folder, in order (default: folder names)"
+    )
+    publish.add_argument("--model-name", help="model name for the YAML entry (e.g. gpt2-small)")
+    publish.add_argument(
+        "--metrics",
+        help="JSON file: {sae_id: {l0, ce_loss_recovered, dead_pct, explained_variance}}",
+    )
+    publish.add_argument("--link", action="append", metavar="KEY=URL", help="YAML entry link")
+    publish.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    publish.add_argument("--push", action="store_true", help="upload to the Hugging Face Hub")
+    publish.add_argument("--private", action="store_true", help="create the repository private")
+    publish.set_defaults(run=_publish)
     return parser
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub, which reads these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 from typing import Any
 
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 D_VOCAB = 64
 N_CTX = 16

@@ -13,7 +13,7 @@ from sae_lens_attn import AttnSite, backend_for
 
 from .hf_twins import ARCHITECTURES_WITH_TWINS, VOCAB_SIZE, build_hf, build_twin
 
-TOL = {"atol": 1e-5, "rtol": 0.0}
+ATOL = 1e-5  # float32; rtol=0 so small values get no slack
 
 # (twin folds b_V into b_O, convention asked for). A folded twin has lost b_V, so it cannot
 # give back the "included" convention: that combination does not exist.
@@ -49,9 +49,13 @@ def test_z_and_patterns_agree(hf_model, fold, convention) -> None:
     ours = hf_backend.capture(tokens(), sites, pattern=True, values=True, convention=convention)
     theirs = tl_backend.capture(tokens(), sites, pattern=True, values=True, convention=convention)
     for site in sites:
-        torch.testing.assert_close(ours[site.layer].z, theirs[site.layer].z, **TOL)
-        torch.testing.assert_close(ours[site.layer].pattern, theirs[site.layer].pattern, **TOL)
-        torch.testing.assert_close(ours[site.layer].values, theirs[site.layer].values, **TOL)
+        torch.testing.assert_close(ours[site.layer].z, theirs[site.layer].z, atol=ATOL, rtol=0.0)
+        torch.testing.assert_close(
+            ours[site.layer].pattern, theirs[site.layer].pattern, atol=ATOL, rtol=0.0
+        )
+        torch.testing.assert_close(
+            ours[site.layer].values, theirs[site.layer].values, atol=ATOL, rtol=0.0
+        )
 
 
 @pytest.mark.parametrize(("fold", "convention"), CASES)
@@ -66,7 +70,7 @@ def test_spliced_sae_logits_agree(hf_model, fold, convention) -> None:
             theirs = backend_for(twin).forward(tokens())
         clean = twin(tokens())
     assert ours is not None and theirs is not None
-    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0.0)
     assert (ours - clean).abs().max() > 1e-3  # the SAEs really were spliced in
 
 

@@ -180,8 +180,8 @@ class AttnBackend(ABC):
         stop_at_layer: int | None = None,
         attention_mask: Int[Tensor, " batch pos"] | None = None,
     ) -> Float[Tensor, " batch pos d_vocab"] | None:
-        """Run the model on ``tokens``; with ``stop_at_layer=n`` only layers ``0..n-1`` run
-        (and ``None`` is returned)."""
+        """Run the model on ``tokens`` and return its logits; with ``stop_at_layer=n``, stop once
+        layers ``0..n-1`` have given what the active captures need, and return ``None``."""
 
     def value_biases(self, sites: Iterable[AttnSite]) -> dict[int, Tensor]:
         """b_V per head for every site, keyed by layer."""

@@ -206,7 +206,7 @@ class NNsightBackend(AttnBackend):
         With an attention mask, position ids count real tokens only, so left-padded rows see
         the positions they would see alone.
         """
-        stops = stop_at_layer is not None and stop_at_layer < self._n_layers
+        stops = stop_at_layer is not None
         kwargs: dict[str, Any] = {}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask

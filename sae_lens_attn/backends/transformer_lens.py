@@ -98,7 +98,7 @@ class TransformerLensBackend(AttnBackend):
         stop_at_layer: int | None = None,
         attention_mask: Int[Tensor, " batch pos"] | None = None,
     ) -> Float[Tensor, " batch pos d_vocab"] | None:
-        if stop_at_layer is not None and stop_at_layer < self.n_layers:
+        if stop_at_layer is not None:
             self.model(
                 tokens, return_type=None, stop_at_layer=stop_at_layer, attention_mask=attention_mask
             )

@@ -26,6 +26,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError
 from sae_lens import StandardSAEConfig
+from sae_lens.util import str_to_dtype
 from torch import Tensor
 
 from sae_lens_attn.backends.base import check_convention
@@ -103,7 +104,7 @@ def kissane_huggingface_loader(
     path = _download(repo_id, folder_name, force_download, "weights file")
     state_dict = load_state_dict(path, map_location=device)
     check_weights(state_dict, cfg["d_in"], cfg["d_sae"], source=f"{repo_id}/{folder_name}")
-    dtype = getattr(torch, cfg["dtype"])
+    dtype = str_to_dtype(cfg["dtype"])
     return cfg, {key: state_dict[key].to(dtype) for key in WEIGHT_KEYS}, None
 
 
@@ -188,7 +189,9 @@ def kissane_config_to_saelens(
     }
 
 
-def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+def load_state_dict(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
     """Read a ``.pt`` state dict with ``torch.load(weights_only=True)``.
 
     Raises:
@@ -215,7 +218,9 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
     ):
-        raise ValueError(f"expected a state dict {{name: tensor}} in {path}, got {type(obj).__name__}")
+        raise ValueError(
+            f"expected a state dict {{name: tensor}} in {path}, got {type(obj).__name__}"
+        )
     return dict(obj)
 
 
@@ -239,7 +244,9 @@ def check_weights(state_dict: Mapping[str, Tensor], d_in: int, d_sae: int, *, so
     if wrong:
         raise ValueError(
             f"{source}: weight shapes disagree with the config (d_in={d_in}, d_sae={d_sae}): "
-            + ", ".join(f"{key} is {shape}, expected {expected[key]}" for key, shape in wrong.items())
+            + ", ".join(
+                f"{key} is {shape}, expected {expected[key]}" for key, shape in wrong.items()
+            )
         )
 
 

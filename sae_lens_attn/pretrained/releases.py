@@ -238,7 +238,10 @@ def parse_releases_yaml(text: str, *, source: str = "YAML") -> dict[str, Release
             f"{source} must map release names to releases (SAELens's pretrained_saes.yaml "
             f"format), got a {type(data).__name__}"
         )
-    return {str(name): Release.from_yaml_entry(name, entry, source=source) for name, entry in data.items()}
+    return {
+        str(name): Release.from_yaml_entry(name, entry, source=source)
+        for name, entry in data.items()
+    }
 
 
 def read_releases_file(path: str | Path) -> dict[str, Release]:
@@ -267,7 +270,9 @@ def _sae_from_yaml(item: Any, where: str) -> ReleaseSAE:
     for key in ("l0", "variance_explained", "norm_scaling_factor"):
         value = item.get(key)
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
         ):
             raise ValueError(f"SAE {item['id']!r}: {key} must be a finite number, got {value!r}")
         numbers[key] = None if value is None else float(value)

@@ -5,6 +5,7 @@ pretrained releases (``gpt2-small-attn-z``) and converters with SAELens's pretra
 loader tables (idempotent, no network), and changes nothing else.
 """
 
+from sae_lens_attn import analysis
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
 from sae_lens_attn.backends.nnsight import NNsightBackend
 from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
@@ -58,6 +59,7 @@ __all__ = [
     "TransformerLensBackend",
     "ValueBiasConvention",
     "__version__",
+    "analysis",
     "attn_sae_training_config",
     "backend_for",
     "get_release",

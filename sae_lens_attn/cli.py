@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sae_lens_attn import cli_analyze
+
 
 def _info(_args: argparse.Namespace) -> int:
     import sae_lens
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--push", action="store_true", help="upload to the Hugging Face Hub")
     publish.add_argument("--private", action="store_true", help="create the repository private")
     publish.set_defaults(run=_publish)
+    cli_analyze.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""The built-in analyzers, registered through the ``sae_lens_attn.analyzers`` entry points."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae_lens_attn.analysis.dfa import encode_z
+from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
+from sae_lens_attn.analysis.heads import head_attribution
+from sae_lens_attn.analysis.induction import induction_scores
+from sae_lens_attn.analysis.induction_features import induction_features
+from sae_lens_attn.analysis.registry import AnalysisInput, Table
+from sae_lens_attn.backends import backend_for
+from sae_lens_attn.site import AttnSite
+
+
+@dataclass(frozen=True)
+class _HeadAttribution:
+    description: str = "weight-based share of each feature's decoder norm per head"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        shares = head_attribution(inputs.sae, backend_for(inputs.model))
+        rows = []
+        for feature in _features(inputs, default=range(inputs.sae.cfg.d_sae)):
+            row = {"feature": feature, "top_head": int(shares[feature].argmax())}
+            row |= {f"head_{h}": round(float(s), 6) for h, s in enumerate(shares[feature])}
+            rows.append(row)
+        return {"head_attribution": rows}
+
+
+@dataclass(frozen=True)
+class _DFA:
+    description: str = "direct feature attribution at each context's max-activating position"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        features = _features(
+            inputs, default=top_features(inputs, int(inputs.options.get("top", 8)))
+        )
+        top_sources = int(inputs.options.get("top_sources", 5))
+        result = dfa_at_peaks(
+            inputs.model,
+            inputs.sae,
+            inputs.tokens,
+            features=features,
+            attention_mask=inputs.attention_mask,
+        )
+        by_src: Table = []
+        by_head: Table = []
+        for column, feature in enumerate(features):
+            for prompt in range(inputs.tokens.shape[0]):
+                if not result.mask[prompt, column]:
+                    continue
+                q = int(result.positions[prompt, column])
+                base = {
+                    "feature": feature,
+                    "prompt": prompt,
+                    "query_pos": q,
+                    "query_token": _show(inputs, prompt, q),
+                    "pre_act": float(result.pre_act[prompt, column]),
+                }
+                contributions = result.by_src[prompt, :, column]
+                for s in contributions.abs().argsort(descending=True)[:top_sources].tolist():
+                    by_src.append(
+                        base
+                        | {
+                            "source_pos": s,
+                            "source_token": _show(inputs, prompt, s),
+                            "contribution": float(contributions[s]),
+                        }
+                    )
+                for h, value in enumerate(result.by_head[prompt, :, column].tolist()):
+                    by_head.append(base | {"head": h, "contribution": value})
+        return {"dfa_by_src": by_src, "dfa_by_head": by_head}
+
+
+@dataclass(frozen=True)
+class _InductionScores:
+    description: str = "induction score of every head (repeated random tokens)"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        scores = induction_scores(
+            inputs.model,
+            bos_token_id=inputs.options.get("bos_token_id"),
+            seq_len=induction_seq_len(inputs),
+        )
+        return {
+            "induction_scores": [
+                {"layer": layer, "head": head, "score": float(scores[layer, head])}
+                for layer in range(scores.shape[0])
+                for head in range(scores.shape[1])
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class _InductionFeatures:
+    description: str = "Kissane et al.'s induction selection and behaviour heuristics, with control"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        options = {k: v for k, v in inputs.options.items() if k in _INDUCTION_OPTIONS}
+        options["induction_seq_len"] = induction_seq_len(inputs)
+        report = induction_features(
+            inputs.model,
+            inputs.sae,
+            inputs.tokens,
+            features=inputs.options.get("features"),
+            **options,
+        )
+        rows = [row.__dict__ for row in report.rows]
+        summary = {
+            "induction_heads": " ".join(map(str, report.induction_heads)),
+            "n_induction_features": len(report.induction_features),
+            "n_selected": sum(
+                row.share >= report.thresholds["selection_share"] for row in report.rows
+            ),
+            "control_pass_rate": report.control_pass_rate(),
+            **report.thresholds,
+        }
+        return {"induction_features": rows, "induction_summary": [summary]}
+
+
+_INDUCTION_OPTIONS = (
+    "head_score",
+    "selection_share",
+    "pass_rate",
+    "control_share",
+    "max_contexts",
+    "bos_token_id",
+    "induction_seq_len",
+)
+
+HEAD_ATTRIBUTION = _HeadAttribution()
+DFA = _DFA()
+INDUCTION_SCORES = _InductionScores()
+INDUCTION_FEATURES = _InductionFeatures()
+
+
+@torch.no_grad()
+def top_features(inputs: AnalysisInput, n: int) -> list[int]:
+    """The ``n`` features with the largest activation anywhere in ``inputs.tokens``."""
+    backend = backend_for(inputs.model)
+    site = AttnSite.from_sae(inputs.sae, backend)
+    convention = (
+        inputs.sae.cfg.metadata.get("value_bias_convention", None) or backend.native_convention
+    )
+    z = backend.capture(
+        inputs.tokens, [site], convention=convention, attention_mask=inputs.attention_mask
+    )[site.layer].z
+    acts = encode_z(inputs.sae, z)
+    if inputs.attention_mask is not None:
+        acts = acts * inputs.attention_mask[..., None]
+    return acts.flatten(0, 1).amax(0).topk(min(n, acts.shape[-1])).indices.tolist()
+
+
+def induction_seq_len(inputs: AnalysisInput) -> int:
+    """The ``induction_seq_len`` option, else 40 or as long as the model's context allows."""
+    given = inputs.options.get("induction_seq_len")
+    if given is not None:
+        return int(given)
+    model = getattr(inputs.model, "model", inputs.model)
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None) or getattr(
+        getattr(model, "config", None), "max_position_embeddings", None
+    )
+    return 40 if n_ctx is None else max(1, min(40, (int(n_ctx) - 1) // 2))
+
+
+def _features(inputs: AnalysisInput, default: Any) -> list[int]:
+    given = inputs.options.get("features")
+    features = [int(f) for f in (given if given is not None else default)]
+    bad = [f for f in features if not 0 <= f < inputs.sae.cfg.d_sae]
+    if bad:
+        raise ValueError(f"features {bad} out of range: the SAE has d_sae={inputs.sae.cfg.d_sae}")
+    return features
+
+
+def _show(inputs: AnalysisInput, prompt: int, pos: int) -> str:
+    token: Tensor = inputs.tokens[prompt, pos]
+    if inputs.tokenizer is None:
+        return str(int(token))
+    return inputs.tokenizer.decode([int(token)])

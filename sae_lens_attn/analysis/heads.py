@@ -1,0 +1,31 @@
+"""Weight-based head attribution: how much of each feature's decoder direction lives in each head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+
+from sae_lens_attn.site import AttnSite
+
+
+@torch.no_grad()
+def head_attribution(sae: SAE[Any], model: Any = None) -> Float[Tensor, " d_sae n_heads"]:
+    """``share[f, h] = ‖W_dec[f, h-block]‖₂ / Σ_j ‖W_dec[f, j-block]‖₂`` (DESIGN.md).
+
+    Args:
+        sae: a hook_z SAE.
+        model: only needed when the SAE's metadata lacks its head structure (plain SAELens SAEs).
+
+    Returns:
+        ``[d_sae, n_heads]``, every row summing to 1 (a feature with an all-zero decoder row is
+        spread evenly over the heads).
+    """
+    site = AttnSite.from_sae(sae, model)
+    norms = sae.W_dec.detach().float().unflatten(-1, (site.n_heads, site.d_head)).norm(dim=-1)
+    total = norms.sum(-1, keepdim=True)
+    even = torch.full_like(norms, 1.0 / site.n_heads)
+    return torch.where(total > 0, norms / total.clamp_min(torch.finfo(norms.dtype).tiny), even)

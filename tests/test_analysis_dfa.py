@@ -1,0 +1,221 @@
+"""DFA: exact decomposition of the pre-activation, on both backends and every linear-encoder SAE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import (
+    SAE,
+    GatedSAE,
+    GatedSAEConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+
+import sae_lens_attn as sla
+from sae_lens_attn import AttnSite, backend_for
+from sae_lens_attn.analysis.dfa import encode_z
+
+from .hf_twins import PAD_ID, VOCAB_SIZE, build_hf
+
+SAE_CLASSES: dict[str, tuple[type[SAE[Any]], type[Any], dict[str, Any]]] = {
+    "standard": (StandardSAE, StandardSAEConfig, {}),
+    "topk": (TopKSAE, TopKSAEConfig, {"k": 5}),
+    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),  # also what BatchTopK saves as
+}
+
+
+def random_sae(
+    site: AttnSite, architecture: str = "standard", *, d_sae: int = 96, seed: int = 0, **meta: Any
+) -> SAE[Any]:
+    sae_cls, cfg_cls, kwargs = SAE_CLASSES.get(architecture, (GatedSAE, GatedSAEConfig, {}))
+    cfg = cfg_cls(d_in=site.d_in, d_sae=d_sae, reshape_activations="hook_z", **kwargs)
+    for key, value in {
+        "hook_name": site.hook_name,
+        "n_heads": site.n_heads,
+        "n_kv_heads": site.n_kv_heads,
+        "d_head": site.d_head,
+        **meta,
+    }.items():
+        cfg.metadata[key] = value
+    torch.manual_seed(seed)
+    sae = sae_cls(cfg)
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_(0, 0.3)
+    return sae
+
+
+MODELS = ["tl-mha", "tl-gqa", "hf-gpt2", "hf-llama", "hf-neox"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def any_backend_model(request, model, gqa_model) -> Any:
+    return {"tl-mha": model, "tl-gqa": gqa_model}.get(request.param) or build_hf(request.param[3:])
+
+
+def batch(n: int = 3, pos: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB_SIZE, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("architecture", list(SAE_CLASSES))
+@pytest.mark.parametrize("convention", ["folded", "included"])
+def test_dfa_sums_to_the_pre_activation(any_backend_model, architecture, convention) -> None:
+    site = AttnSite.from_model(any_backend_model, 1)
+    sae = random_sae(site, architecture, value_bias_convention=convention)
+    tokens = batch()
+    result = sla.analysis.dfa(any_backend_model, sae, tokens, feature_chunk=40)
+    torch.testing.assert_close(
+        result.by_src.sum(2) + result.bias, result.pre_act, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(result.by_head.sum(2), result.by_src.sum(2), atol=1e-4, rtol=1e-4)
+    # pre_act is the SAE's own pre-activation on z in its convention
+    z = backend_for(any_backend_model).capture(tokens, [site], convention=convention)[1].z
+    hidden_pre = (z.flatten(-2) - sae.b_dec) @ sae.W_enc + getattr(sae, "b_enc", 0)
+    torch.testing.assert_close(result.pre_act, hidden_pre, atol=1e-4, rtol=1e-4)
+    if architecture == "standard":
+        torch.testing.assert_close(result.pre_act.relu(), sae.encode(z), atol=1e-4, rtol=1e-4)
+    assert result.by_src.shape == (3, 12, 12, 96) and result.by_head.shape == (
+        3,
+        12,
+        site.n_heads,
+        96,
+    )
+    assert (result.by_src[:, torch.arange(12)[:, None] < torch.arange(12)] == 0).all()  # causal
+
+
+def test_positions_and_features_select_from_the_full_result(model) -> None:
+    site = AttnSite.from_model(model, 1)
+    sae = random_sae(site)
+    tokens = batch()
+    full = sla.analysis.dfa(model, sae, tokens)
+    peaks = full.pre_act[..., 7].argmax(-1)  # each context's max-activating position of feature 7
+    picked = sla.analysis.dfa(model, sae, tokens, features=[7, 3], positions=peaks)
+    assert picked.pre_act.shape == (3, 1, 2) and picked.by_src.shape == (3, 1, 12, 2)
+    rows = torch.arange(3)
+    torch.testing.assert_close(picked.by_src[:, 0], full.by_src[rows, peaks][..., [7, 3]])
+    torch.testing.assert_close(picked.by_head[:, 0], full.by_head[rows, peaks][..., [7, 3]])
+    assert picked.positions[:, 0].tolist() == peaks.tolist()
+
+
+def test_padding_is_never_attributed() -> None:
+    hf = build_hf("llama")
+    site = AttnSite.from_model(hf, 1)
+    sae = random_sae(site)
+    rows = [batch(1, n, seed=n)[0] for n in (5, 9)]
+    tokens = torch.full((2, 9), PAD_ID)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    tokens[0, 4:], mask[0, 4:] = rows[0], 1  # left padding
+    tokens[1], mask[1] = rows[1], 1
+    padded = sla.analysis.dfa(hf, sae, tokens, attention_mask=mask)
+    assert (padded.by_src[0, :, :4] == 0).all() and (padded.by_src[0, :4] == 0).all()
+    assert not padded.mask[0, :4].any() and (padded.pre_act[0, :4] == 0).all()
+    alone = sla.analysis.dfa(hf, sae, rows[0][None])
+    torch.testing.assert_close(padded.by_src[0, 4:, 4:], alone.by_src[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.pre_act[0, 4:], alone.pre_act[0], atol=1e-5, rtol=1e-5)
+
+
+def test_head_attribution_rows_sum_to_one_and_follow_the_decoder(model) -> None:
+    site = AttnSite.from_model(model, 0)
+    sae = random_sae(site)
+    with torch.no_grad():
+        sae.W_dec[0] = 0
+        sae.W_dec[0, site.head_slice(2)] = 1.0  # feature 0 writes only through head 2
+        sae.W_dec[1] = 0
+    shares = sla.analysis.head_attribution(sae)
+    assert shares.shape == (96, 4)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(96))
+    assert shares[0].tolist() == [0, 0, 1, 0]
+    assert shares[1].tolist() == [0.25] * 4
+    block_norms = torch.stack([sae.W_dec[5, site.head_slice(h)].norm() for h in range(4)])
+    torch.testing.assert_close(shares[5], block_norms / block_norms.sum())
+
+
+def test_non_hook_z_sae_is_refused(model) -> None:
+    sae = random_sae(AttnSite.from_model(model, 0))
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_pre"
+    with pytest.raises(ValueError, match="expected a hook_z hook name"):
+        sla.analysis.dfa(model, sae, batch())
+
+
+def test_sae_of_another_shape_is_refused(model, gqa_model) -> None:
+    gqa_sae = random_sae(AttnSite.from_model(gqa_model, 1))
+    with pytest.raises(ValueError, match="trained for another model's site"):
+        sla.analysis.dfa(model, gqa_sae, batch())
+    wide = random_sae(AttnSite(1, 4, 4, 16))
+    with pytest.raises(ValueError, match="another model's site: d_head=16 in the SAE but 8"):
+        sla.analysis.dfa(model, wide, batch())
+
+
+def test_unsupported_architecture_is_refused(model) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"architecture 'gated' is not supported \(supported: \['standard', 'topk', 'jumprelu'\]\)",
+    ):
+        sla.analysis.dfa(model, random_sae(AttnSite.from_model(model, 0), "gated"), batch())
+
+
+def test_bad_features_positions_and_tokens_are_refused(model) -> None:
+    sae = random_sae(AttnSite.from_model(model, 0))
+    with pytest.raises(
+        ValueError, match=r"feature indices \[96, -1\] are out of range: the SAE has d_sae=96"
+    ):
+        sla.analysis.dfa(model, sae, batch(), features=[3, 96, -1])
+    with pytest.raises(
+        ValueError, match=r"positions \[12\] are out of range for 12 tokens \(valid: 0..11\)"
+    ):
+        sla.analysis.dfa(model, sae, batch(), positions=torch.tensor([0, 12, 3]))
+    with pytest.raises(
+        ValueError, match=r"positions must be \[batch\] or \[batch, q\] with batch=3"
+    ):
+        sla.analysis.dfa(model, sae, batch(), positions=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="tokens must be a non-empty"):
+        sla.analysis.dfa(model, sae, torch.zeros(0, 12, dtype=torch.long))
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_dfa_at_peaks_equals_the_full_dfa_at_each_features_peak(
+    any_backend_model, architecture
+) -> None:
+    site = AttnSite.from_model(any_backend_model, 1)
+    sae = random_sae(site, architecture, value_bias_convention="folded")
+    tokens = batch()
+    full = sla.analysis.dfa(any_backend_model, sae, tokens)
+    peaks = sla.analysis.dfa_at_peaks(any_backend_model, sae, tokens, feature_chunk=17)
+    z = backend_for(any_backend_model).capture(tokens, [site], convention="folded")[1].z
+    acts = encode_z(sae, z)  # the SAE's own activations
+    torch.testing.assert_close(peaks.positions, acts.argmax(1))
+    rows, feats = torch.arange(3)[:, None], torch.arange(96)[None, :]
+    torch.testing.assert_close(
+        peaks.by_src,
+        full.by_src[rows, peaks.positions, :, feats].permute(0, 2, 1),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    torch.testing.assert_close(
+        peaks.by_head,
+        full.by_head[rows, peaks.positions, :, feats].permute(0, 2, 1),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    torch.testing.assert_close(
+        peaks.by_src.sum(1) + peaks.bias, peaks.pre_act, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_dfa_at_peaks_refuses_bad_peaks(model) -> None:
+    sae = random_sae(AttnSite.from_model(model, 0))
+    with pytest.raises(ValueError, match=r"peaks must be \[batch, F\] = \[3, 2\]"):
+        sla.analysis.dfa_at_peaks(
+            model, sae, batch(), features=[0, 1], peaks=torch.zeros(3, 5, dtype=torch.long)
+        )
+    with pytest.raises(ValueError, match="peaks must lie in 0..11"):
+        sla.analysis.dfa_at_peaks(
+            model, sae, batch(), features=[0, 1], peaks=torch.full((3, 2), 12)
+        )

@@ -1,0 +1,177 @@
+"""Analyzer registry, built-in analyzers and the induction heuristics' arithmetic."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+import sae_lens_attn as sla
+from sae_lens_attn import AttnSite
+from sae_lens_attn.analysis import AnalysisInput, registry
+
+from .hf_twins import VOCAB_SIZE as VOCAB
+from .test_analysis_dfa import batch, random_sae
+
+
+def test_builtins_register_through_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    declared = {point.name for point in entry_points(group=sla.analysis.ENTRY_POINT_GROUP)}
+    assert {"dfa", "head_attribution", "induction_scores", "induction_features"} <= declared
+    assert declared <= set(sla.analysis.names())
+
+
+def test_third_party_analyzer_registers_and_runs(model, monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+    class CountTokens:
+        description = "number of tokens"
+
+        def __call__(self, inputs: AnalysisInput) -> dict[str, Any]:
+            return {"count": [{"tokens": int(inputs.tokens.numel())}]}
+
+    analyzer = CountTokens()
+    sla.analysis.register("count_tokens", analyzer)
+    sla.analysis.register("count_tokens", analyzer)  # the same object again: fine
+    assert "count_tokens" in sla.analysis.names()
+    sae = random_sae(AttnSite.from_model(model, 0))
+    assert sla.analysis.get("count_tokens")(AnalysisInput(model, sae, batch())) == {
+        "count": [{"tokens": 36}]
+    }
+    with pytest.raises(ValueError, match="'count_tokens' is already registered"):
+        sla.analysis.register("count_tokens", CountTokens())
+    with pytest.raises(TypeError, match="callable with a str description"):
+        sla.analysis.register("broken", object())  # type: ignore[arg-type]
+
+
+def test_unknown_analyzer_lists_registered_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown analyzer 'nope'; registered: \[.*'dfa'.*\]"):
+        sla.analysis.get("nope")
+
+
+def test_builtin_analyzers_produce_tables(model) -> None:
+    sae = random_sae(AttnSite.from_model(model, 1))
+    inputs = AnalysisInput(
+        model, sae, batch(), options={"features": [3, 5], "bos_token_id": 0, "induction_seq_len": 7}
+    )
+    heads = sla.analysis.get("head_attribution")(inputs)["head_attribution"]
+    assert [row["feature"] for row in heads] == [3, 5]
+    assert math.isclose(sum(heads[0][f"head_{h}"] for h in range(4)), 1.0, rel_tol=1e-5)
+    tables = sla.analysis.get("dfa")(inputs)
+    assert {row["feature"] for row in tables["dfa_by_src"]} == {3, 5}
+    one = [row for row in tables["dfa_by_head"] if row["feature"] == 3 and row["prompt"] == 0]
+    top = [row for row in tables["dfa_by_src"] if row["feature"] == 3 and row["prompt"] == 0]
+    result = sla.analysis.dfa(
+        model, sae, batch(), features=[3], positions=torch.tensor([top[0]["query_pos"]] * 3)
+    )
+    assert math.isclose(
+        sum(r["contribution"] for r in one) + float(result.bias[0]), top[0]["pre_act"], abs_tol=1e-4
+    )
+    scores = sla.analysis.get("induction_scores")(inputs)["induction_scores"]
+    assert len(scores) == 2 * 4 and all(0 <= row["score"] <= 1 for row in scores)
+
+
+def test_induction_behaviour_matches_dfa_context_by_context(model) -> None:
+    """The pass rate equals a brute-force count over the contexts with sla.analysis.dfa."""
+    site = AttnSite.from_model(model, 1)
+    sae = random_sae(site, d_sae=32)
+    tokens = torch.randint(
+        1, 12, (6, 16), generator=torch.Generator().manual_seed(3)
+    )  # many repeats
+    report = sla.analysis.induction_features(
+        model,
+        sae,
+        tokens,
+        induction_heads=[0, 1],
+        max_contexts=10_000,
+        bos_token_id=0,
+        induction_seq_len=7,
+    )
+    shares = sla.analysis.head_attribution(sae)[:, [0, 1]].sum(-1)
+    full = sla.analysis.dfa(model, sae, tokens)
+    acts = full.pre_act.relu()  # a standard SAE: ReLU of the pre-activation
+    checked = 0
+    for row in report.rows:
+        assert math.isclose(row.share, float(shares[row.feature]), rel_tol=1e-5)
+        fired = (acts[..., row.feature] > 0).nonzero().tolist()
+        assert row.contexts == len(fired)
+        if not fired:
+            continue
+        passed = 0
+        for b, q in fired:
+            s = int(full.by_src[b, q, :, row.feature].argmax())
+            passed += s >= 1 and s - 1 < q and bool(tokens[b, s - 1] == tokens[b, q])
+        assert math.isclose(row.pass_rate, passed / len(fired))
+        expected = (
+            "control"
+            if row.share < 0.2
+            else "neither"
+            if row.share < 0.5
+            else ("induction" if row.pass_rate >= 0.6 else "selected, fails behaviour")
+        )
+        assert row.verdict == expected
+        checked += 1
+    assert checked >= 5
+
+
+def test_induction_heads_out_of_range_are_refused(model) -> None:
+    sae = random_sae(AttnSite.from_model(model, 1))
+    with pytest.raises(ValueError, match=r"induction_heads \[7\] out of range for 4 heads"):
+        sla.analysis.induction_features(
+            model, sae, batch(), induction_heads=[1, 7], bos_token_id=0, induction_seq_len=7
+        )
+
+
+def test_cli_analyze_writes_tables_and_plots(tmp_path) -> None:
+    from sae_lens_attn.cli import main
+
+    from .hf_twins import build_hf, make_tokenizer
+
+    model_dir, sae_dir, out = tmp_path / "model", tmp_path / "sae", tmp_path / "out"
+    build_hf("gpt2").save_pretrained(model_dir)
+    make_tokenizer(VOCAB).save_pretrained(model_dir)
+    site = AttnSite(1, 4, 4, 8)
+    random_sae(site, value_bias_convention="included").save_model(sae_dir)
+    text = tmp_path / "text.txt"
+    words = torch.randint(2, VOCAB, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    text.write_text(" ".join(f"w{w}" for w in words))
+    args = [
+        "analyze",
+        "--model",
+        f"hf:{model_dir}",
+        "--sae",
+        str(sae_dir),
+        "--text",
+        str(text),
+        "--analyzers",
+        "head_attribution,dfa,induction_scores",
+        "--context-size",
+        "16",
+        "--top",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(
+        [
+            "head_attribution.csv",
+            "dfa_by_src.csv",
+            "dfa_by_head.csv",
+            "induction_scores.csv",
+            "head_attribution.png",
+            "dfa.html",
+        ]
+    )
+    assert (out / "head_attribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert "feature" in (out / "dfa.html").read_text() and "<span" in (out / "dfa.html").read_text()
+    rows = (out / "dfa_by_head.csv").read_text().splitlines()
+    assert rows[0].startswith("feature,prompt,query_pos,query_token,pre_act,head")
+    with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
+        main(args)
+    with pytest.raises(ValueError, match="unknown analyzer 'nope'; registered"):
+        main([*args[:8], "nope", *args[9:], "--overwrite"])

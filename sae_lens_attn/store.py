@@ -121,7 +121,8 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
             convention: value-bias convention of the z served (see ``ValueBiasConvention``).
             exclude_special_tokens: token ids whose positions are dropped (e.g. BOS).
             cycle: start the token source again when it ends (epochs), as SAELens does.
-            device, dtype: where and how the served activations live.
+            device: where the served activations live.
+            dtype: their dtype.
             seed: seed of the shuffling generator.
         """
         self.backend: AttnBackend = backend_for(model)

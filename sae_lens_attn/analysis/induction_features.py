@@ -100,7 +100,11 @@ def induction_features(
         features: feature indices to test (default: all).
         induction_heads: heads of the SAE's layer to count as induction heads (default: heads whose
             induction score is at least ``head_score``).
-        head_score, selection_share, pass_rate, control_share, max_contexts: the thresholds.
+        head_score: induction score that makes a head an induction head.
+        selection_share: share to induction heads that selects a feature.
+        pass_rate: pass rate a selected feature needs to count as induction.
+        control_share: share below which a feature is in the negative control.
+        max_contexts: contexts tested per feature at most.
         batch_size: rows per forward pass.
         bos_token_id: BOS id for the induction scores (default: the tokenizer's).
         induction_seq_len: length of the repeated random sequence scoring the heads.

@@ -1,7 +1,8 @@
 """sae-lens-attn: sparse autoencoders on attention layer outputs (hook_z) for SAELens.
 
 Importing the package registers the ``attn_*`` training architectures with SAELens, and its
-pretrained releases (``gpt2-small-attn-z``) and converters with SAELens's pretrained directory and
+pretrained releases (``gpt2-small-attn-z``, and ``stdlib-2l-attn-z`` of the embedded default
+model) and converters with SAELens's pretrained directory and
 loader tables (idempotent, no network), and changes nothing else.
 """
 
@@ -9,6 +10,8 @@ from sae_lens_attn import analysis
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
 from sae_lens_attn.backends.nnsight import NNsightBackend
 from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
+from sae_lens_attn.default_model import load_default_model, register_default_release
+from sae_lens_attn.evaluation import Evaluation, evaluate
 from sae_lens_attn.hooked import HookedHFModel, hooked
 from sae_lens_attn.pretrained import (
     RELEASES_ENV_VAR,
@@ -23,6 +26,7 @@ from sae_lens_attn.pretrained import (
     unregister_release,
 )
 from sae_lens_attn.registration import register_training_classes
+from sae_lens_attn.resampling import resample_dead_features
 from sae_lens_attn.sae_config import (
     AttnBatchTopKTrainingSAEConfig,
     AttnJumpReLUTrainingSAEConfig,
@@ -37,6 +41,7 @@ __version__ = "0.1.0"
 
 register_training_classes()
 register_pretrained()
+register_default_release()
 
 __all__ = [
     "RELEASES_ENV_VAR",
@@ -49,6 +54,7 @@ __all__ = [
     "AttnSite",
     "AttnStandardTrainingSAEConfig",
     "AttnTopKTrainingSAEConfig",
+    "Evaluation",
     "HookedHFModel",
     "NNsightBackend",
     "PublishResult",
@@ -62,10 +68,13 @@ __all__ = [
     "analysis",
     "attn_sae_training_config",
     "backend_for",
+    "evaluate",
     "get_release",
     "hooked",
+    "load_default_model",
     "publish",
     "register_release",
+    "resample_dead_features",
     "train_attn_saes",
     "unregister_release",
 ]

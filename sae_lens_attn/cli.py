@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sae_lens_attn import cli_analyze
+from sae_lens_attn import cli_analyze, cli_dashboard, cli_demo, cli_evaluate
 
 
 def _info(_args: argparse.Namespace) -> int:
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--private", action="store_true", help="create the repository private")
     publish.set_defaults(run=_publish)
     cli_analyze.add_parser(commands)
+    cli_evaluate.add_parser(commands)
+    cli_dashboard.add_parser(commands)
+    cli_demo.add_parser(commands)
     return parser
 
 

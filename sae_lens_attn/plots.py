@@ -1,10 +1,15 @@
-"""Plots: head attribution as a heatmap (PNG), DFA over tokens as highlighted text (HTML)."""
+"""Plots, as PNG (matplotlib, Agg) and as self-contained HTML (inline SVG, no scripts).
+
+Head attribution per feature (heatmap, bars, table) and per head (features each head dominates),
+DFA over tokens (highlighted text, bars), and L0 / loss recovered per layer.
+"""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -78,3 +83,163 @@ def html_page(title: str, sections: Sequence[str]) -> str:
 def top_contexts(scores: Tensor, k: int) -> list[int]:
     """Indices of the ``k`` largest scores, largest first."""
     return torch.as_tensor(scores).topk(min(k, len(scores))).indices.tolist()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def head_attribution_bars(
+    shares: Float[Tensor, " n_heads"], path: str | Path, *, title: str = "head attribution"
+) -> Path:
+    """Write one feature's head-attribution shares as a bar per head to ``path`` (PNG)."""
+    fig, ax = _pyplot().subplots(figsize=(1.5 + 0.4 * shares.numel(), 2.6))
+    ax.bar([f"H{h}" for h in range(shares.numel())], shares.float().tolist(), color="#2563eb")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of decoder norm")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def features_per_head(shares: Float[Tensor, " d_sae n_heads"]) -> Float[Tensor, " n_heads"]:
+    """How many features attribute most of their decoder norm to each head (argmax counts)."""
+    return torch.bincount(shares.argmax(-1), minlength=shares.shape[-1]).float()
+
+
+def head_attribution_per_head(
+    shares: Float[Tensor, " d_sae n_heads"], path: str | Path, *, title: str = "features per head"
+) -> Path:
+    """Write, per head, the number of features it dominates and their mean share (PNG)."""
+    counts = features_per_head(shares)
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(2 + 0.8 * shares.shape[1], 2.8))
+    labels = [f"H{h}" for h in range(shares.shape[1])]
+    left.bar(labels, counts.tolist(), color="#2563eb")
+    left.set_ylabel("features (largest share)")
+    right.bar(labels, shares.float().mean(0).tolist(), color="#16a34a")
+    right.set_ylabel("mean share")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def dfa_tokens_png(
+    tokens: Sequence[str],
+    contributions: Float[Tensor, " s"],
+    query_pos: int,
+    path: str | Path,
+    *,
+    title: str = "DFA by source position",
+) -> Path:
+    """Write DFA contributions per source token as bars (query position outlined) (PNG)."""
+    values = contributions[: len(tokens)].float().tolist()
+    fig, ax = _pyplot().subplots(figsize=(1.5 + 0.35 * len(values), 3.0))
+    bars = ax.bar(
+        range(len(values)), values, color=["#2563eb" if v >= 0 else "#dc2626" for v in values]
+    )
+    if 0 <= query_pos < len(values):
+        bars[query_pos].set_edgecolor("#111")
+        bars[query_pos].set_linewidth(2)
+    ax.set_xticks(range(len(values)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=7)
+    ax.axhline(0, color="#555", linewidth=0.5)
+    ax.set_ylabel("contribution to pre-activation")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def layer_metrics_png(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "per layer"
+) -> Path:
+    """Write L0 and loss recovered (zero and mean ablation) per layer (PNG).
+
+    Args:
+        rows: one mapping per SAE with ``layer``, ``l0``, ``loss_recovered_zero`` and
+            ``loss_recovered_mean`` (an ``Evaluation`` plus its layer).
+        path: where to write.
+    """
+    layers = [int(row["layer"]) for row in rows]
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(7, 2.8))
+    left.bar(layers, [float(row["l0"]) for row in rows], color="#2563eb")
+    left.set_xlabel("layer")
+    left.set_ylabel("L0")
+    for key, marker in (("loss_recovered_zero", "o"), ("loss_recovered_mean", "s")):
+        right.plot(
+            layers, [float(row[key]) for row in rows], marker=marker, label=key.rsplit("_", 1)[1]
+        )
+    right.set_xlabel("layer")
+    right.set_ylabel("loss recovered")
+    right.legend(title="ablation", fontsize=7)
+    for ax in (left, right):
+        ax.set_xticks(layers)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def svg_bars(
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    width: int = 360,
+    bar_height: int = 16,
+    color: str = "#2563eb",
+    element_id: str = "",
+) -> str:
+    """A horizontal bar chart as inline SVG (no scripts, no external resources)."""
+    scale = max((abs(v) for v in values), default=0.0) or 1.0
+    label_w, plot_w = 70, width - 140
+    rows = []
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        y = 2 + i * (bar_height + 4)
+        w = plot_w * abs(value) / scale
+        fill = color if value >= 0 else "#dc2626"
+        rows.append(
+            f'<text x="{label_w - 4}" y="{y + bar_height / 2 + 4:.0f}" text-anchor="end" '
+            f'font-size="11">{html.escape(label)}</text>'
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_height}" fill="{fill}">'
+            f"<title>{html.escape(label)}: {value:.4g}</title></rect>"
+            f'<text x="{label_w + w + 4:.1f}" y="{y + bar_height / 2 + 4:.0f}" font-size="11">'
+            f"{value:.3g}</text>"
+        )
+    height = 4 + max(len(values), 1) * (bar_height + 4)
+    ident = f' id="{html.escape(element_id)}"' if element_id else ""
+    return (
+        f'<svg{ident} xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img">{"".join(rows)}</svg>'
+    )
+
+
+def head_attribution_html(shares: Float[Tensor, " F n_heads"], features: Sequence[int]) -> str:
+    """Head-attribution shares as an HTML table, cells shaded by share."""
+    n_heads = shares.shape[1]
+    head = "".join(f"<th>H{h}</th>" for h in range(n_heads))
+    body = []
+    for row, feature in zip(shares.float().tolist(), features, strict=True):
+        cells = "".join(f'<td style="background:rgba(37,99,235,{v:.2f})">{v:.2f}</td>' for v in row)
+        body.append(f"<tr><th>{feature}</th>{cells}</tr>")
+    return f'<table class="heads"><tr><th>feature</th>{head}</tr>{"".join(body)}</table>'
+
+
+def layer_metrics_html(rows: Sequence[Mapping[str, Any]], *, title: str = "per layer") -> str:
+    """L0 and loss recovered per layer as inline SVG bar charts (HTML fragment)."""
+    labels = [f"layer {row['layer']}" for row in rows]
+    charts = [
+        f"<h3>{html.escape(name)}</h3>"
+        + svg_bars(labels, [float(row[key]) for row in rows], element_id=f"chart-{key}")
+        for name, key in (
+            ("L0", "l0"),
+            ("loss recovered (zero ablation)", "loss_recovered_zero"),
+            ("loss recovered (mean ablation)", "loss_recovered_mean"),
+        )
+    ]
+    return f"<h2>{html.escape(title)}</h2>" + "".join(charts)

@@ -12,7 +12,7 @@ from sae_lens_attn.analysis.dfa import encode_z
 from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
-from sae_lens_attn.analysis.induction_features import induction_features
+from sae_lens_attn.analysis.induction_features import default_seq_len, induction_features
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
@@ -159,13 +159,7 @@ def top_features(inputs: AnalysisInput, n: int) -> list[int]:
 def induction_seq_len(inputs: AnalysisInput) -> int:
     """The ``induction_seq_len`` option, else 40 or as long as the model's context allows."""
     given = inputs.options.get("induction_seq_len")
-    if given is not None:
-        return int(given)
-    model = getattr(inputs.model, "model", inputs.model)
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None) or getattr(
-        getattr(model, "config", None), "max_position_embeddings", None
-    )
-    return 40 if n_ctx is None else max(1, min(40, (int(n_ctx) - 1) // 2))
+    return int(given) if given is not None else default_seq_len(inputs.model)
 
 
 def _features(inputs: AnalysisInput, default: Any) -> list[int]:

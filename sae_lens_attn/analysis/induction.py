@@ -51,6 +51,7 @@ def induction_scores(
     bos_token_id: int | None = None,
     vocab_size: int | None = None,
     exclude_token_ids: Sequence[int] | None = None,
+    sequences: Int[Tensor, " n_samples seq_len"] | None = None,
 ) -> Float[Tensor, " n_layers n_heads"]:
     """Induction score of every head of ``model`` (any model a backend supports).
 
@@ -63,6 +64,9 @@ def induction_scores(
         bos_token_id: BOS id; by default the tokenizer's.
         vocab_size: ids ``0..vocab_size-1`` are candidates for ``r``; by default the model's.
         exclude_token_ids: ids never drawn; by default the tokenizer's special tokens.
+        sequences: the sequences ``r`` to repeat instead of random ones (e.g. segments of real
+            text); ``seq_len``, ``n_samples``, ``seed``, ``vocab_size`` and
+            ``exclude_token_ids`` are then unused.
 
     Returns:
         Scores ``[n_layers, n_heads]`` in ``[0, 1]``.
@@ -79,19 +83,29 @@ def induction_scores(
             raise ValueError(
                 "the model has no tokenizer with a bos_token_id; pass bos_token_id= explicitly"
             )
-    if vocab_size is None:
-        vocab_size = _vocab_size(model)
-    if exclude_token_ids is None:
-        exclude_token_ids = list(getattr(tokenizer, "all_special_ids", None) or [bos_token_id])
-    keep = torch.ones(vocab_size, dtype=torch.bool)
-    keep[[i for i in exclude_token_ids if 0 <= i < vocab_size]] = False
-    tokens = repeated_random_tokens(
-        keep.nonzero().squeeze(1),
-        bos_token_id=bos_token_id,
-        seq_len=seq_len,
-        n_samples=n_samples,
-        seed=seed,
-    )
+    if sequences is not None:
+        if sequences.ndim != 2 or sequences.numel() == 0:
+            raise ValueError(
+                f"sequences must be a non-empty [n_samples, seq_len] tensor, got "
+                f"{tuple(sequences.shape)}"
+            )
+        n_samples, seq_len = sequences.shape
+        bos = torch.full((n_samples, 1), bos_token_id, dtype=sequences.dtype)
+        tokens = torch.cat([bos, sequences, sequences], dim=1)
+    else:
+        if vocab_size is None:
+            vocab_size = _vocab_size(model)
+        if exclude_token_ids is None:
+            exclude_token_ids = list(getattr(tokenizer, "all_special_ids", None) or [bos_token_id])
+        keep = torch.ones(vocab_size, dtype=torch.bool)
+        keep[[i for i in exclude_token_ids if 0 <= i < vocab_size]] = False
+        tokens = repeated_random_tokens(
+            keep.nonzero().squeeze(1),
+            bos_token_id=bos_token_id,
+            seq_len=seq_len,
+            n_samples=n_samples,
+            seed=seed,
+        )
     sites = [backend.site(layer) for layer in range(backend.n_layers)]
     queries = torch.arange(seq_len + 1, 2 * seq_len + 1)  # positions i of the second copy
     total = torch.zeros(len(sites), sites[0].n_heads, dtype=torch.float64)

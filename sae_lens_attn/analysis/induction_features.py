@@ -89,7 +89,7 @@ def induction_features(
     max_contexts: int = 200,
     batch_size: int = 16,
     bos_token_id: int | None = None,
-    induction_seq_len: int = 40,
+    induction_seq_len: int | None = None,
 ) -> InductionReport:
     """Run the selection and behaviour heuristics on ``features`` (default: all) of a hook_z SAE.
 
@@ -107,7 +107,8 @@ def induction_features(
         max_contexts: contexts tested per feature at most.
         batch_size: rows per forward pass.
         bos_token_id: BOS id for the induction scores (default: the tokenizer's).
-        induction_seq_len: length of the repeated random sequence scoring the heads.
+        induction_seq_len: length of the repeated random sequence scoring the heads (default:
+            40, or as long as the model's context allows).
 
     Returns:
         An ``InductionReport``; ``report.induction_features`` are the features judged induction.
@@ -115,7 +116,8 @@ def induction_features(
     backend = backend_for(model)
     site = AttnSite.from_sae(sae, backend)
     _check_sae(sae)
-    scores = induction_scores(model, bos_token_id=bos_token_id, seq_len=induction_seq_len)
+    seq_len = induction_seq_len if induction_seq_len is not None else default_seq_len(model)
+    scores = induction_scores(model, bos_token_id=bos_token_id, seq_len=seq_len)
     scores = scores[site.layer]
     heads = (
         induction_heads
@@ -184,3 +186,12 @@ def induction_features(
             "max_contexts": max_contexts,
         },
     )
+
+
+def default_seq_len(model: Any) -> int:
+    """40, or the longest ``n`` whose ``[BOS, r, r]`` (``2n + 1`` tokens) fits the model's context."""
+    inner = getattr(model, "model", model)
+    n_ctx = getattr(getattr(inner, "cfg", None), "n_ctx", None) or getattr(
+        getattr(inner, "config", None), "max_position_embeddings", None
+    )
+    return 40 if n_ctx is None else max(1, min(40, (int(n_ctx) - 1) // 2))

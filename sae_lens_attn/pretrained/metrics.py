@@ -9,6 +9,9 @@ release's ``l0`` and ``variance_explained`` are the ones SAELens's benchmark che
   at every position and, for CE_abl, z set to zero (in the SAE's value-bias convention), as in
   Kissane et al.; CE is the mean next-token loss over all positions.
 - ``dead_pct``: percentage of features never active on the tokens.
+
+``measure`` is ``sae_lens_attn.evaluation.evaluate`` with the excluded tokens left out of l0,
+explained variance and densities only (``exclude_from_loss=False``).
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
+from sae_lens_attn.evaluation import evaluate
 
 REPORTED_METRICS = ("l0", "ce_loss_recovered", "dead_pct", "explained_variance")
 """Metric names of the model card's table, and the keys a caller's metrics mapping may use."""
@@ -115,69 +116,25 @@ def measure(
         raise ValueError(
             f"expected tokens [batch, pos] with at least one token, got {tuple(tokens.shape)}"
         )
-    backend = backend_for(model)
-    site = AttnSite.from_sae(sae, model)
     convention = sae.cfg.metadata.get("value_bias_convention") or "included"
-    d_sae = sae.cfg.d_sae
-    fired = torch.zeros(d_sae, dtype=torch.float64)
-    active_total = 0.0
-    n_kept = 0
-    sum_z = torch.zeros(site.d_in, dtype=torch.float64)
-    sum_sq = sum_residual = 0.0
-    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    n_predictions = 0
-    excluded = torch.tensor(list(exclude_tokens), dtype=tokens.dtype)
-
-    def reconstruct(z: Tensor) -> Tensor:
-        return sae.decode(sae.encode(z)).to(z.dtype)
-
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size]
-        z = backend.capture(batch, [site], convention=convention)[site.layer].z  # (B, T, H, D)
-        acts = sae.encode(z)  # (B, T, F)
-        z_hat = sae.decode(acts).reshape(z.shape)
-        keep = ~torch.isin(batch, excluded)  # (B, T)
-        acts, x, x_hat = acts[keep], z.flatten(-2)[keep].double(), z_hat.flatten(-2)[keep].double()
-        active = acts != 0
-        active_total += active.sum().item()
-        fired += active.sum(0).double().cpu()
-        n_kept += x.shape[0]
-        sum_z += x.sum(0).cpu()
-        sum_sq += x.pow(2).sum().item()
-        sum_residual += (x - x_hat).pow(2).sum().item()
-
-        targets = batch[:, 1:]
-        for name, replacement in (
-            ("sae", reconstruct),
-            ("zero", torch.zeros_like),
-            ("clean", None),
-        ):
-            if replacement is None:
-                logits = backend.forward(batch)
-            else:
-                with backend.splicing({site: replacement}, convention=convention):
-                    logits = backend.forward(batch)
-            assert logits is not None
-            ce[name] += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"
-            ).item()
-        n_predictions += targets.numel()
-
-    if n_kept == 0:
-        raise ValueError(f"every token of the batch is in exclude_tokens={list(exclude_tokens)}")
-    mean_z = sum_z / n_kept
-    variance = sum_sq / n_kept - mean_z.pow(2).sum().item()
-    mse = sum_residual / n_kept
-    explained = (1.0 if mse < 1e-10 else 0.0) if variance < 1e-10 else 1.0 - mse / variance
-    clean, with_sae, zero = (ce[k] / n_predictions for k in ("clean", "sae", "zero"))
-    recovered = (zero - with_sae) / (zero - clean) if zero != clean else None
-    density = fired / n_kept
-    metrics = SAEMetrics(
-        l0=active_total / n_kept,
-        ce_loss_recovered=recovered,
-        dead_pct=100.0 * (fired == 0).double().mean().item(),
-        explained_variance=explained,
-        n_tokens=n_kept,
-        source=f"measured on {n_kept} tokens ({convention} z)",
+    result = evaluate(
+        model,
+        sae,
+        tokens,
+        batch_size=batch_size,
+        exclude_tokens=exclude_tokens,
+        exclude_from_loss=False,
+        convention=convention,
+        progress=False,
     )
+    recovered = result.loss_recovered_zero
+    metrics = SAEMetrics(
+        l0=result.l0,
+        ce_loss_recovered=None if math.isnan(recovered) else recovered,
+        dead_pct=100.0 * result.dead_fraction,
+        explained_variance=result.explained_variance,
+        n_tokens=result.n_tokens,
+        source=f"measured on {result.n_tokens} tokens ({convention} z)",
+    )
+    density = result.feature_density.double()
     return Measurement(metrics, torch.log10(density + LOG_SPARSITY_EPS).float())

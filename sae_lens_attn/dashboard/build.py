@@ -1,0 +1,210 @@
+"""``build_dashboard``: a folder of HTML feature dashboards that opens from disk, offline."""
+
+from __future__ import annotations
+
+import html
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae_lens_attn.backends import backend_for
+from sae_lens_attn.dashboard import panels, saedashboard
+from sae_lens_attn.dashboard.data import FeatureData, check_features, collect, feature_activations
+from sae_lens_attn.evaluation import check_context
+from sae_lens_attn.site import AttnSite
+
+Engine = Literal["auto", "saedashboard", "own"]
+"""``saedashboard``: SAEDashboard's pages plus our DFA and head-attribution panels (TransformerLens
+models); ``own``: our pages only (any backend); ``auto``: SAEDashboard where it serves, else ours."""
+ENGINES: tuple[str, ...] = get_args(Engine)
+
+ASSETS = "assets"
+"""Folder of the dashboard's scripts (d3 and Plotly, for SAEDashboard's pages)."""
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """A written dashboard folder."""
+
+    out_dir: Path
+    """The folder."""
+    index: Path
+    """``index.html``: the features, linking to their pages."""
+    pages: dict[int, Path]
+    """Feature index → its page."""
+    engine: Literal["saedashboard", "own"]
+    """What built the pages."""
+    note: str
+    """Why ``auto`` chose ``own`` (empty otherwise)."""
+
+
+def build_dashboard(
+    model: Any,
+    sae: Any,
+    tokens: Int[Tensor, " rows ctx"],
+    out: str | Path,
+    *,
+    features: Sequence[int] | None = None,
+    top: int = 8,
+    tokenizer: Any = None,
+    engine: Engine = "auto",
+    exclude_tokens: Sequence[int] | None = None,
+    n_contexts: int = 8,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    title: str | None = None,
+) -> Dashboard:
+    """Write feature dashboards with DFA and head-attribution panels into ``out``.
+
+    Args:
+        model: any model a backend supports.
+        sae: a hook_z SAE of ``model`` with a linear encoder.
+        tokens: token ids ``[rows, ctx]`` to find top-activating contexts in.
+        out: folder to write (written to a temporary folder first, then renamed).
+        features: feature indices (default: the ``top`` most often active features).
+        top: features to show when ``features`` is not given.
+        tokenizer: decodes tokens (default: the model's).
+        engine: see ``Engine``.
+        exclude_tokens: token ids that are never a feature's peak nor counted (default: the
+            tokenizer's special tokens).
+        n_contexts: top contexts per feature.
+        batch_size: contexts per forward pass.
+        overwrite: replace a non-empty ``out``.
+        progress: show a progress bar.
+        title: page title (default: the SAE's hook name).
+
+    Returns:
+        A ``Dashboard``: its folder, index page and one page per feature.
+
+    Raises:
+        ValueError: the SAE does not fit the model, features are out of range, an unknown
+            engine, ``saedashboard`` where it cannot serve, or ``out`` is not empty.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown dashboard engine {engine!r}; valid: {list(ENGINES)}")
+    backend = backend_for(model)
+    site = AttnSite.from_sae(sae, backend)
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError(
+            f"tokens must be a non-empty [rows, ctx] tensor, got {tuple(tokens.shape)}"
+        )
+    check_context(backend, tokens.shape[1])
+    if features is not None:
+        features = check_features(features, sae.cfg.d_sae)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} is not empty; pass overwrite=True to replace it")
+    reason = saedashboard.unsupported_reason(backend, sae) if engine != "own" else None
+    if engine == "saedashboard" and reason:
+        raise ValueError(f"engine='saedashboard' cannot build this dashboard: {reason}")
+    used: Literal["saedashboard", "own"] = "own" if engine == "own" or reason else "saedashboard"
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer(backend)
+    excluded = list(exclude_tokens) if exclude_tokens is not None else _special_ids(tokenizer)
+    counted = ~torch.isin(tokens.cpu(), torch.tensor(excluded, dtype=torch.long))
+
+    acts = feature_activations(backend, sae, tokens, batch_size=batch_size)
+    if features is None:
+        features = _most_active(acts, counted, top)
+    bar = tqdm(total=len(features) + 1, desc="dashboard", unit="feature", disable=not progress)
+    with bar:
+        data = collect(
+            backend, sae, tokens, features, tokenizer=tokenizer, counted=counted, acts=acts,
+            n_contexts=n_contexts, batch_size=batch_size,
+        )  # fmt: skip
+        bar.update()
+        fragments: dict[int, str] = {}
+        if used == "saedashboard":
+            fragments = saedashboard.feature_fragments(
+                backend.model, sae, tokens, features, assets=ASSETS,
+                ignore_tokens=excluded, batch_size=batch_size,
+            )  # fmt: skip
+        title = title or f"{site.hook_name} ({sae.cfg.d_sae} features)"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
+        try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 is for the temporary name only
+            if used == "saedashboard":
+                saedashboard.write_assets(tmp / ASSETS)
+            pages = {}
+            for feature_data in data:
+                name = f"feature_{feature_data.feature}.html"
+                text = _feature_page(feature_data, title, fragments.get(feature_data.feature))
+                (tmp / name).write_text(text, encoding="utf-8")
+                pages[feature_data.feature] = out / name
+                bar.update()
+            (tmp / "index.html").write_text(
+                _index_page(data, title, used, reason or ""), encoding="utf-8"
+            )
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Dashboard(out, out / "index.html", pages, used, reason or "")
+
+
+def _feature_page(data: FeatureData, title: str, fragment: str | None) -> str:
+    ours = panels.dfa_panel(data) + panels.head_attribution_panel(data)
+    header = panels.nav([("index.html", "all features")]) + (
+        f"<h1>Feature {data.feature}</h1><p class='sla-note'>{html.escape(title)}</p>"
+    )
+    if fragment is None:
+        body = ours + panels.contexts_panel(data) + panels.histogram_panel(data)
+        return panels.page(f"feature {data.feature}", header + body)
+    # SAEDashboard's grid (tables, histograms, top contexts) first, then our panels.
+    return panels.page(f"feature {data.feature}", header + fragment + ours)
+
+
+def _index_page(data: list[FeatureData], title: str, engine: str, note: str) -> str:
+    rows = []
+    for d in data:
+        top_head = max(range(len(d.head_shares)), key=lambda h: d.head_shares[h])
+        peak = d.contexts[0].activation if d.contexts else 0.0
+        rows.append(
+            f'<tr><td><a href="feature_{d.feature}.html">{d.feature}</a></td>'
+            f"<td>{100 * d.density:.3f}</td><td>{peak:.3f}</td>"
+            f"<td>{top_head} ({d.head_shares[top_head]:.2f})</td></tr>"
+        )
+    made_by = (
+        "SAEDashboard 0.7.2 with sae-lens-attn panels"
+        if engine == "saedashboard"
+        else ("sae-lens-attn" + (f" ({html.escape(note)})" if note else ""))
+    )
+    body = (
+        f"<h1>{html.escape(title)}</h1><p class='sla-note'>Pages built by {made_by}.</p>"
+        "<table class='sla'><tr><th>feature</th><th>active %</th><th>max activation</th>"
+        f"<th>top head (share)</th></tr>{''.join(rows)}</table>"
+    )
+    return panels.page(title, body)
+
+
+def _most_active(acts: Tensor, counted: Tensor, top: int) -> list[int]:
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    density = (acts[counted] != 0).float().mean(0)
+    return density.topk(min(top, density.numel())).indices.tolist()
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _tokenizer(backend: Any) -> Any:
+    return getattr(backend, "tokenizer", None) or getattr(backend.model, "tokenizer", None)
+
+
+def _special_ids(tokenizer: Any) -> list[int]:
+    if tokenizer is None:
+        return []
+    from sae_lens.util import get_special_token_ids
+
+    return get_special_token_ids(tokenizer)

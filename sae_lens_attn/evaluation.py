@@ -1,0 +1,445 @@
+"""``evaluate``: how well an attention SAE reconstructs z, and what splicing it costs the model.
+
+Definitions (DESIGN.md; SAELens's ``run_evals`` where it measures the same thing):
+
+- Counted positions: real tokens (attention mask 1) that are not in ``exclude_tokens``.
+- ``l0``: mean number of non-zero features per counted position; ``dead_fraction``: share of
+  features never non-zero at any counted position.
+- ``mse``: mean over counted positions of ``‖z − ẑ‖²`` (summed over the ``n_heads*d_head``
+  dimensions); ``explained_variance``: ``1 − mse / (E‖z‖² − ‖E z‖²)``, z in the SAE's convention.
+- CE: mean next-token loss of the predictions made at counted positions whose target is a real
+  token. ``ce_sae`` splices the reconstruction at every counted position (other positions keep
+  their z, as in ``run_evals``). ``ce_zero_ablation`` sets z to zero at every position *in the
+  SAE's value-bias convention*: for a ``"folded"`` SAE the layer then writes
+  ``b_O + Σ_h b_V,h W_O,h`` (what zero-ablating hook_z does on a TransformerLens model with
+  folded value biases, as in Kissane et al.), for an ``"included"`` SAE just ``b_O``.
+  ``ce_mean_ablation`` sets z at every position to the mean z over the counted positions.
+- ``loss_recovered_{zero,mean}``: ``(CE_abl − CE_sae) / (CE_abl − CE_clean)`` (NaN when the
+  ablation does not change the loss); ``delta_ce``: ``CE_sae − CE_clean``.
+- ``kl``: mean over counted positions of KL(clean ‖ with SAE) of the next-token distributions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae_lens_attn.analysis.dfa import encode_z, sae_convention
+from sae_lens_attn.backends import AttnBackend, backend_for
+from sae_lens_attn.backends.base import check_convention
+from sae_lens_attn.site import AttnSite, ValueBiasConvention
+from sae_lens_attn.store import TokenBatches
+
+METRIC_NAMES = (
+    "l0",
+    "dead_fraction",
+    "explained_variance",
+    "mse",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero_ablation",
+    "ce_mean_ablation",
+    "loss_recovered_zero",
+    "loss_recovered_mean",
+    "delta_ce",
+    "kl",
+    "n_tokens",
+    "n_predictions",
+)
+"""The keys of an ``Evaluation`` seen as a mapping, in table order."""
+
+Batch = Int[Tensor, " batch ctx"] | tuple[Int[Tensor, " batch ctx"], Int[Tensor, " batch ctx"]]
+
+
+@dataclass(frozen=True)
+class Evaluation(Mapping[str, float]):
+    """Metrics of one SAE on one token set; a mapping from ``METRIC_NAMES`` to numbers."""
+
+    l0: float
+    """Mean number of active features per counted position."""
+    dead_fraction: float
+    """Share of features never active on the counted positions."""
+    explained_variance: float
+    """``1 − mse / Var(z)`` (SAELens's definition)."""
+    mse: float
+    """Mean squared reconstruction error per position, summed over dimensions."""
+    ce_clean: float
+    """Cross-entropy of the unmodified model."""
+    ce_sae: float
+    """Cross-entropy with the SAE reconstruction spliced in."""
+    ce_zero_ablation: float
+    """Cross-entropy with z zeroed (in the SAE's value-bias convention)."""
+    ce_mean_ablation: float
+    """Cross-entropy with z replaced by its mean over the counted positions."""
+    loss_recovered_zero: float
+    """``(CE_zero − CE_sae) / (CE_zero − CE_clean)``; NaN when zero ablation changes nothing."""
+    loss_recovered_mean: float
+    """``(CE_mean − CE_sae) / (CE_mean − CE_clean)``; NaN when mean ablation changes nothing."""
+    delta_ce: float
+    """``CE_sae − CE_clean``."""
+    kl: float
+    """Mean KL(clean ‖ with SAE) of the next-token distributions over counted positions."""
+    n_tokens: int
+    """Counted positions."""
+    n_predictions: int
+    """Predictions the cross-entropies average over."""
+    feature_density: Float[Tensor, " d_sae"]
+    """Share of counted positions at which each feature is active."""
+    hook_name: str
+    """The site evaluated, ``blocks.L.attn.hook_z``."""
+    convention: ValueBiasConvention
+    """Value-bias convention of the z the SAE read and the ablations used."""
+
+    def __getitem__(self, key: str) -> float:
+        if key not in METRIC_NAMES:
+            raise KeyError(f"{key!r} is not a metric; valid: {list(METRIC_NAMES)}")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METRIC_NAMES)
+
+    def __len__(self) -> int:
+        return len(METRIC_NAMES)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field but the densities, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "feature_density"}
+
+
+@dataclass
+class _Sums:
+    """Running sums over batches (float64 on the CPU)."""
+
+    d_in: int
+    d_sae: int
+    n_tokens: int = 0
+    active: float = 0.0
+    sq: float = 0.0
+    residual: float = 0.0
+    n_predictions: int = 0
+    kl: float = 0.0
+    n_kl: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum_z = torch.zeros(self.d_in, dtype=torch.float64)
+        self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
+        self.ce: dict[str, float] = dict.fromkeys(("clean", "sae", "zero", "mean"), 0.0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    sae: Any,
+    tokens_or_dataset: Any,
+    *,
+    tokenizer: Any = None,
+    context_size: int | None = None,
+    batch_size: int = 8,
+    exclude_tokens: Sequence[int] | None = None,
+    exclude_from_loss: bool = True,
+    convention: ValueBiasConvention | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate a hook_z SAE on ``model``: sparsity, reconstruction, and spliced-in losses.
+
+    Args:
+        model: any model a backend supports (HookedTransformer, Hugging Face causal LM, plain or
+            nnsight-wrapped, ``sla.hooked`` facade) or a backend.
+        sae: a SAELens SAE on a hook_z site of ``model``.
+        tokens_or_dataset: ``[rows, ctx]`` token ids; a ``(tokens, attention_mask)`` pair
+            (0 marks padding); ``TokenBatches``; a Hugging Face ``datasets.Dataset`` with a
+            ``tokens`` or ``input_ids`` column (and optionally ``attention_mask``) or a ``text``
+            column; or a list of strings. Text is cut into BOS-led contexts of ``context_size``.
+        tokenizer: for text (default: the model's).
+        context_size: tokens per context. Token rows longer than this are cut to their first
+            ``context_size`` tokens (as SAELens's store reads them); shorter rows are an error.
+            Required for text; default for tokens: their width.
+        batch_size: contexts per forward pass.
+        exclude_tokens: token ids not counted (default: the tokenizer's BOS, EOS, padding and
+            separator ids, as ``run_evals`` excludes them; none without a tokenizer).
+        exclude_from_loss: leave excluded positions out of the loss measurements too (the SAE
+            is not spliced there and their predictions do not count, as in ``run_evals``);
+            with False they leave only l0, dead, variance and MSE.
+        convention: value-bias convention of z (default: the SAE's metadata, else the
+            backend's ``native_convention``).
+        progress: show a progress bar.
+
+    Returns:
+        An ``Evaluation``: a mapping with the keys ``METRIC_NAMES``.
+
+    Raises:
+        ValueError: the SAE does not fit the model, the data is too short for the context size
+            or holds no countable token, or an argument is out of range.
+
+    Example:
+        >>> metrics = sla.evaluate(model, sae, tokens)
+        >>> metrics["l0"], metrics["loss_recovered_zero"]
+    """
+    backend = backend_for(model)
+    site = AttnSite.from_sae(sae, backend)
+    convention = check_convention(convention or sae_convention(sae, backend.native_convention))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(backend)
+    batches = token_batches(
+        tokens_or_dataset, tokenizer=tokenizer, context_size=context_size, batch_size=batch_size
+    )
+    check_context(backend, batches[0][0].shape[1])
+    excluded = torch.tensor(
+        list(exclude_tokens) if exclude_tokens is not None else _special_ids(tokenizer),
+        dtype=torch.long,
+    )
+    device = next(backend.model.parameters()).device
+    sums = _Sums(site.d_in, sae.cfg.d_sae)
+    total = 2 * len(batches)
+    bar = tqdm(total=total, desc=f"evaluate {site.hook_name}", unit="batch", disable=not progress)
+    with bar:
+        for tokens, mask in batches:
+            tokens, mask = tokens.to(device), mask.to(device)
+            counted = mask.bool() & ~torch.isin(tokens, excluded.to(device))
+            _sae_statistics(backend, sae, site, convention, tokens, mask, counted, sums)
+            bar.update()
+        if sums.n_tokens == 0:
+            raise ValueError(
+                f"no position can be counted: every token is padding or in exclude_tokens="
+                f"{excluded.tolist()}"
+            )
+        mean_z = (sums.sum_z / sums.n_tokens).to(device)
+        for tokens, mask in batches:
+            tokens, mask = tokens.to(device), mask.to(device)
+            counted = mask.bool() & ~torch.isin(tokens, excluded.to(device))
+            at = counted if exclude_from_loss else mask.bool()
+            _losses(backend, sae, site, convention, tokens, mask, at, mean_z, sums)
+            bar.update()
+    return _result(sums, site, convention)
+
+
+def token_batches(
+    data: Any, *, tokenizer: Any, context_size: int | None, batch_size: int
+) -> list[tuple[Int[Tensor, " batch ctx"], Int[Tensor, " batch ctx"]]]:
+    """``(tokens, attention_mask)`` batches of ``context_size`` columns from any accepted input
+    (see ``evaluate``).
+
+    Raises:
+        ValueError: the input is empty, of an unknown kind, or shorter than ``context_size``.
+    """
+    if context_size is not None and context_size < 2:
+        raise ValueError(f"context_size must be >= 2 (one prediction), got {context_size}")
+    if isinstance(data, TokenBatches):
+        data = data.tokens
+    if _is_texts(data):
+        texts = list(data["text"]) if not isinstance(data, list | tuple) else list(data)
+        if context_size is None or tokenizer is None:
+            raise ValueError(
+                "text needs context_size= and a tokenizer (the model has none: pass tokenizer=)"
+            )
+        try:
+            data = TokenBatches.from_texts(
+                tokenizer, texts, context_size=context_size, batch_size=batch_size
+            ).tokens
+        except ValueError as err:
+            raise ValueError(
+                f"the dataset is too short for context_size={context_size}: {err}"
+            ) from None
+    tokens, mask = _tokens_and_mask(data)
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(
+            f"expected token ids [rows, ctx] with at least one token, got shape {tuple(tokens.shape)}"
+        )
+    if mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}"
+        )
+    width = context_size or tokens.shape[1]
+    if tokens.shape[1] < width:
+        raise ValueError(
+            f"the dataset is too short for context_size={width}: its rows hold "
+            f"{tokens.shape[1]} tokens; give a smaller context_size or longer rows"
+        )
+    tokens, mask = tokens[:, :width].long(), mask[:, :width].long()
+    return list(zip(tokens.split(batch_size), mask.split(batch_size), strict=True))
+
+
+def check_context(model: Any, width: int) -> None:
+    """Raise ``ValueError`` if contexts of ``width`` tokens exceed the model's positions."""
+    inner = backend_for(model).model
+    cfg = getattr(inner, "cfg", None)
+    config = getattr(inner, "config", None)
+    limit = getattr(cfg, "n_ctx", None) or next(
+        (
+            getattr(config, k)
+            for k in ("n_positions", "max_position_embeddings")
+            if hasattr(config, k)
+        ),
+        None,
+    )
+    if limit is not None and width > limit:
+        raise ValueError(
+            f"contexts of {width} tokens exceed the model's {limit} positions; "
+            f"use a context size of at most {limit}"
+        )
+
+
+def _is_texts(data: Any) -> bool:
+    if isinstance(data, list | tuple):
+        return bool(data) and all(isinstance(item, str) for item in data)
+    columns = getattr(data, "column_names", None)
+    return columns is not None and "text" in columns and not {"tokens", "input_ids"} & set(columns)
+
+
+def _tokens_and_mask(data: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return data[0], data[1]
+    if isinstance(data, Tensor):
+        return data, torch.ones_like(data)
+    columns = getattr(data, "column_names", None)
+    if columns is not None:
+        column = next((c for c in ("tokens", "input_ids") if c in columns), None)
+        if column is None:
+            raise ValueError(
+                f"the dataset has columns {list(columns)}; expected one of "
+                "'tokens', 'input_ids' or 'text'"
+            )
+        dataset: Any = data
+        tokens = torch.as_tensor(list(dataset[column]))
+        mask = dataset["attention_mask"] if "attention_mask" in columns else None
+        return tokens, torch.ones_like(tokens) if mask is None else torch.as_tensor(list(mask))
+    if isinstance(data, Iterable):
+        rows = list(data)
+        if rows and all(isinstance(r, Tensor) and r.ndim == 2 for r in rows):
+            tokens = torch.cat(rows)
+            return tokens, torch.ones_like(tokens)
+    raise ValueError(
+        f"cannot evaluate on a {type(data).__name__}; expected token ids [rows, ctx], a "
+        "(tokens, attention_mask) pair, TokenBatches, a datasets.Dataset or a list of strings"
+    )
+
+
+def _sae_statistics(
+    backend: AttnBackend,
+    sae: Any,
+    site: AttnSite,
+    convention: ValueBiasConvention,
+    tokens: Tensor,
+    mask: Tensor,
+    counted: Tensor,
+    sums: _Sums,
+) -> None:
+    z = backend.capture(tokens, [site], convention=convention, attention_mask=_or_none(mask))
+    z = z[site.layer].z  # (B, T, H, D)
+    acts = encode_z(sae, z)  # (B, T, F)
+    z_hat = sae.decode(acts).reshape(z.shape)
+    acts, x = acts[counted], z.flatten(-2)[counted].double()
+    x_hat = z_hat.flatten(-2)[counted].double()
+    active = acts != 0
+    sums.n_tokens += x.shape[0]
+    sums.active += active.sum().item()
+    sums.fired += active.sum(0).double().cpu()
+    sums.sum_z += x.sum(0).cpu()
+    sums.sq += x.pow(2).sum().item()
+    sums.residual += (x - x_hat).pow(2).sum().item()
+
+
+def _losses(
+    backend: AttnBackend,
+    sae: Any,
+    site: AttnSite,
+    convention: ValueBiasConvention,
+    tokens: Tensor,
+    mask: Tensor,
+    at: Tensor,
+    mean_z: Tensor,
+    sums: _Sums,
+) -> None:
+    """Clean, spliced and ablated losses on one batch; ``at`` marks counted positions."""
+
+    def reconstruct(z: Tensor) -> Tensor:
+        z_hat = sae.decode(encode_z(sae, z)).reshape(z.shape).to(z.dtype)
+        return torch.where(at[..., None, None], z_hat, z)
+
+    def mean(z: Tensor) -> Tensor:
+        return mean_z.to(z.dtype).reshape(z.shape[-2:]).expand_as(z)
+
+    logits: dict[str, Tensor] = {}
+    for name, replace in (
+        ("clean", None),
+        ("sae", reconstruct),
+        ("zero", torch.zeros_like),
+        ("mean", mean),
+    ):
+        if replace is None:
+            out = backend.forward(tokens, attention_mask=_or_none(mask))
+        else:
+            with backend.splicing({site: replace}, convention=convention):
+                out = backend.forward(tokens, attention_mask=_or_none(mask))
+        assert out is not None
+        logits[name] = out.float()
+    predicts = at[:, :-1] & mask[:, 1:].bool()  # made at a counted position, of a real token
+    targets = tokens[:, 1:][predicts]
+    for name, out in logits.items():
+        sums.ce[name] += F.cross_entropy(out[:, :-1][predicts], targets, reduction="sum").item()
+    sums.n_predictions += int(predicts.sum())
+    log_clean = logits["clean"][at].log_softmax(-1)
+    log_sae = logits["sae"][at].log_softmax(-1)
+    sums.kl += (log_clean.exp() * (log_clean - log_sae)).sum().item()
+    sums.n_kl += int(at.sum())
+
+
+def _result(sums: _Sums, site: AttnSite, convention: ValueBiasConvention) -> Evaluation:
+    n = sums.n_tokens
+    mse = sums.residual / n
+    variance = sums.sq / n - (sums.sum_z / n).pow(2).sum().item()
+    explained = (1.0 if mse < 1e-10 else 0.0) if variance < 1e-10 else 1.0 - mse / variance
+    if sums.n_predictions == 0:
+        raise ValueError(
+            "no prediction can be counted: every context has fewer than two countable tokens"
+        )
+    ce = {name: total / sums.n_predictions for name, total in sums.ce.items()}
+    return Evaluation(
+        l0=sums.active / n,
+        dead_fraction=(sums.fired == 0).double().mean().item(),
+        explained_variance=explained,
+        mse=mse,
+        ce_clean=ce["clean"],
+        ce_sae=ce["sae"],
+        ce_zero_ablation=ce["zero"],
+        ce_mean_ablation=ce["mean"],
+        loss_recovered_zero=_recovered(ce["zero"], ce["sae"], ce["clean"]),
+        loss_recovered_mean=_recovered(ce["mean"], ce["sae"], ce["clean"]),
+        delta_ce=ce["sae"] - ce["clean"],
+        kl=sums.kl / sums.n_kl,
+        n_tokens=n,
+        n_predictions=sums.n_predictions,
+        feature_density=(sums.fired / n).float(),
+        hook_name=site.hook_name,
+        convention=convention,
+    )
+
+
+def _recovered(ablated: float, with_sae: float, clean: float) -> float:
+    return math.nan if ablated == clean else (ablated - with_sae) / (ablated - clean)
+
+
+def _or_none(mask: Tensor) -> Tensor | None:
+    """No mask when nothing is padded: the models' unmasked path, as ``run_evals`` runs it."""
+    return None if bool(mask.all()) else mask
+
+
+def _tokenizer_of(backend: AttnBackend) -> Any:
+    return getattr(backend, "tokenizer", None) or getattr(backend.model, "tokenizer", None)
+
+
+def _special_ids(tokenizer: Any) -> list[int]:
+    if tokenizer is None:
+        return []
+    from sae_lens.util import get_special_token_ids
+
+    return get_special_token_ids(tokenizer)

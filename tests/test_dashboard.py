@@ -1,0 +1,190 @@
+"""Feature dashboards: SAEDashboard with our panels on TransformerLens, ours on Hugging Face models,
+offline; and in a real browser where Chromium is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json.decoder
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+from transformers import AutoTokenizer
+
+import sae_lens_attn as sla
+from sae_lens_attn import AttnSite
+from sae_lens_attn.cli import main
+from sae_lens_attn.dashboard import build_dashboard, collect
+
+from .browser import CHROMIUM, open_page
+from .conftest import build_model
+from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
+from .test_analysis_dfa import random_sae
+
+REPO = Path(__file__).resolve().parents[1]
+EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
+RENDERED = """(() => {
+  const drawn = id => { const el = document.getElementById(id); if (!el) return false;
+    const box = el.getBoundingClientRect();
+    return box.width > 0 && box.height > 0 &&
+      [...el.querySelectorAll('rect')].some(r => r.getBoundingClientRect().width > 0); };
+  return {dfa: drawn('dfa-panel'), heads: drawn('head-attribution-panel'),
+          saedashboard_columns: document.querySelectorAll('.grid-column').length,
+          plotly_plots: document.querySelectorAll('.js-plotly-plot').length};
+})()"""
+
+
+@pytest.fixture(scope="module")
+def tl_model(tmp_path_factory) -> HookedTransformer:
+    """The test model with a tokenizer (SAEDashboard decodes tokens with it)."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(VOCAB_SIZE).save_pretrained(folder)
+    model = build_model()
+    model.set_tokenizer(AutoTokenizer.from_pretrained(folder))
+    return model
+
+
+def prompts(rows: int = 16, ctx: int = 16) -> torch.Tensor:
+    tokens = torch.randint(2, VOCAB_SIZE, (rows, ctx), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = 0
+    return tokens
+
+
+def no_external_resources(folder: Path) -> None:
+    for page in folder.glob("*.html"):
+        match = EXTERNAL.search(page.read_text())
+        assert match is None, f"{page.name} loads {match and match.group(0)}"
+
+
+def test_transformer_lens_pages_are_saedashboards_with_our_panels(tl_model, tmp_path) -> None:
+    sae = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
+    board = build_dashboard(tl_model, sae, prompts(), tmp_path / "d", top=2, progress=False)
+    assert board.engine == "saedashboard" and board.note == ""
+    assert sorted(p.name for p in (tmp_path / "d" / "assets").iterdir()) == [
+        "LICENSE.d3", "d3.v6.min.js", "plotly.min.js",
+    ]  # fmt: skip
+    for feature, page in board.pages.items():
+        text = page.read_text()
+        assert 'class="grid-container"' in text.replace("'", '"')  # SAEDashboard's grid
+        assert 'src="assets/d3.v6.min.js"' in text and 'src="assets/plotly.min.js"' in text
+        assert 'id="dfa-panel"' in text and 'id="head-attribution-panel"' in text
+        assert f'href="feature_{feature}.html"' in board.index.read_text()
+    no_external_resources(tmp_path / "d")
+
+
+def test_hugging_face_pages_are_ours(tmp_path) -> None:
+    hf = build_hf("llama")
+    tokenizer = make_tokenizer(VOCAB_SIZE)
+    sae = random_sae(AttnSite.from_model(hf, 1), "topk")
+    board = build_dashboard(
+        hf, sae, prompts(), tmp_path / "d", features=[3, 7], tokenizer=tokenizer, progress=False
+    )
+    assert board.engine == "own" and "TransformerLens models only" in board.note
+    assert sorted(board.pages) == [3, 7] and not (tmp_path / "d" / "assets").exists()
+    for page in board.pages.values():
+        text = page.read_text()
+        for panel in ("contexts-panel", "histogram-panel", "dfa-panel", "head-attribution-panel"):
+            assert f'id="{panel}"' in text
+    no_external_resources(tmp_path / "d")
+    with pytest.raises(ValueError, match="engine='saedashboard' cannot build.*TransformerLens"):
+        build_dashboard(hf, sae, prompts(), tmp_path / "e", engine="saedashboard", progress=False)
+
+
+def test_folded_saes_do_not_go_through_saedashboard(tl_model, tmp_path) -> None:
+    sae = random_sae(AttnSite.from_model(tl_model, 0), value_bias_convention="folded")
+    board = build_dashboard(tl_model, sae, prompts(), tmp_path / "d", top=1, progress=False)
+    assert board.engine == "own" and "trained on folded z" in board.note
+
+
+def test_panel_data_is_the_dfa_decomposition(tl_model) -> None:
+    sae = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
+    tokens = prompts()
+    counted = tokens != 0
+    data = collect(tl_model, sae, tokens, [5, 11, 40], counted=counted, n_contexts=4)
+    for feature in data:
+        assert sum(feature.head_shares) == pytest.approx(1.0)
+        peaks = [ctx.activation for ctx in feature.contexts]
+        assert peaks == sorted(peaks, reverse=True) and all(p > 0 for p in peaks)
+        assert sum(feature.histogram_counts) == round(feature.density * int(counted.sum()))
+        for ctx in feature.contexts:
+            assert ctx.position > 0  # BOS is never a peak
+            assert sum(ctx.dfa_by_src) + feature.bias == pytest.approx(ctx.pre_act, abs=1e-4)
+            assert sum(ctx.dfa_by_head) == pytest.approx(sum(ctx.dfa_by_src), abs=1e-4)
+            assert ctx.activation == pytest.approx(max(ctx.pre_act, 0.0), abs=1e-4)  # ReLU
+            assert ctx.activation == max(ctx.activations[1:])
+
+
+def test_features_out_of_range_are_refused(tl_model, tmp_path, capsys) -> None:
+    sae = random_sae(AttnSite.from_model(tl_model, 1))
+    with pytest.raises(ValueError, match=r"features \[96, -1\] are out of range.*valid: 0\.\.95"):
+        build_dashboard(tl_model, sae, prompts(), tmp_path / "d", features=[1, 96, -1])
+    assert not (tmp_path / "d").exists()
+    sae.save_model(tmp_path / "sae")
+    hf_dir = tmp_path / "hf"
+    build_hf("gpt2").save_pretrained(hf_dir)
+    make_tokenizer(VOCAB_SIZE).save_pretrained(hf_dir)
+    torch.save(prompts(), tmp_path / "tokens.pt")
+    args = ["dashboard", "--out", str(tmp_path / "d"), "--model", f"hf:{hf_dir}",
+            "--sae", str(tmp_path / "sae"), "--tokens", str(tmp_path / "tokens.pt")]  # fmt: skip
+    assert main([*args, "--features", "2,500"]) == 1
+    assert "features [500] are out of range" in capsys.readouterr().err
+    assert main([*args, "--features", "2,3", "--contexts", "2"]) == 0
+    assert "wrote 2 feature pages (own)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "feature_2.html", "feature_3.html", "index.html",
+    ]  # fmt: skip
+
+
+def test_an_sae_for_another_model_is_refused(tl_model, gqa_model, tmp_path) -> None:
+    sae = random_sae(AttnSite.from_model(gqa_model, 1))
+    with pytest.raises(ValueError, match="trained for another model's site"):
+        build_dashboard(tl_model, sae, prompts(), tmp_path / "d", progress=False)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sae_lens_attn.default_model") is None,
+    reason="the embedded default model is not in this checkout",
+)
+def test_evaluate_and_dashboard_on_the_default_model(tmp_path, capsys) -> None:
+    model, _ = sla.load_default_model()
+    text = tmp_path / "held_out.txt"
+    text.write_text(inspect.getsource(json.decoder))
+    ctx = str(min(64, model.cfg.n_ctx))
+    common = ["--model", "default", "--text", str(text), "--context-size", ctx]
+    assert main(["evaluate", "--release", "stdlib-2l-attn-z", *common, "--max-prompts", "8"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == [
+        str(layer) for layer in range(model.cfg.n_layers)
+    ]
+    out = tmp_path / "board"
+    assert main(["dashboard", "--out", str(out), "--sae", "stdlib-2l-attn-z:blocks.1",
+                 *common, "--top", "2", "--max-prompts", "8"]) == 0  # fmt: skip
+    assert len(list(out.glob("feature_*.html"))) == 2
+    no_external_resources(out)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Chromium at {CHROMIUM}")
+@pytest.mark.parametrize("kind", ["transformer_lens", "hugging_face"])
+def test_dashboard_renders_in_chromium(kind, tl_model, tmp_path) -> None:
+    model: Any = tl_model if kind == "transformer_lens" else build_hf("gpt2")
+    sae = random_sae(AttnSite.from_model(model, 1), value_bias_convention="included")
+    board = build_dashboard(
+        model, sae, prompts(), tmp_path / "d", features=[4], tokenizer=make_tokenizer(VOCAB_SIZE),
+        progress=False,
+    )  # fmt: skip
+    report = open_page(board.pages[4], RENDERED)
+    shot = REPO / "out" / "screenshots" / f"dashboard_{kind}.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    shot.write_bytes(report.screenshot)
+    print(f"screenshot: {shot}")
+    assert report.errors == ()
+    assert report.remote_requests == ()
+    assert report.check["dfa"] and report.check["heads"], report.check
+    if kind == "transformer_lens":  # SAEDashboard's own parts drew too (d3 and Plotly loaded)
+        assert report.check["saedashboard_columns"] > 0 and report.check["plotly_plots"] > 0
+    assert report.screenshot[:4] == b"\x89PNG" and len(report.screenshot) > 10_000

@@ -1,0 +1,226 @@
+"""sla.evaluate: agrees with SAELens's run_evals, is the same on both backends, ignores padding."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+
+import sae_lens_attn as sla
+from sae_lens_attn import AttnSite
+from sae_lens_attn.cli import main
+
+from .conftest import D_VOCAB, N_CTX
+from .hf_twins import VOCAB_SIZE, build_hf, build_twin, make_tokenizer
+from .test_analysis_dfa import random_sae
+
+REQUIRED = {
+    "l0", "dead_fraction", "explained_variance", "mse", "ce_clean", "ce_sae", "ce_zero_ablation",
+    "ce_mean_ablation", "loss_recovered_zero", "loss_recovered_mean", "delta_ce", "kl",
+}  # fmt: skip
+
+
+def near_identity_sae(
+    site: AttnSite, *, noise: float = 0.01, threshold: float = 0.1, seed: int = 0, **meta: Any
+) -> SAE[Any]:
+    """A standard SAE that reconstructs z roughly: features ±e_i with noise and a threshold.
+
+    With ``noise=0, threshold=0`` it reconstructs z exactly (``relu(x) − relu(−x) = x``).
+    """
+    d_in = site.d_in
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=2 * d_in + 8, reshape_activations="hook_z")
+    for key, value in {
+        "hook_name": site.hook_name,
+        "n_heads": site.n_heads,
+        "n_kv_heads": site.n_kv_heads,
+        "d_head": site.d_head,
+        **meta,
+    }.items():
+        cfg.metadata[key] = value  # fmt: skip
+    sae = StandardSAE(cfg)
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(d_in)
+    W = torch.cat([eye, -eye, torch.zeros(d_in, 8)], dim=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(W + noise * torch.randn(W.shape, generator=g))
+        sae.W_dec.copy_(W.T + noise * torch.randn(W.T.shape, generator=g))
+        sae.b_enc.fill_(-threshold)
+        sae.b_enc[-8:] = -1e3  # eight dead features
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.fixture(scope="module")
+def tl_sae(model) -> SAE[Any]:
+    return near_identity_sae(AttnSite.from_model(model, 1), value_bias_convention="included")
+
+
+def test_agrees_with_saelens_run_evals(model, tokens, tl_sae) -> None:
+    ours = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[0], progress=False)
+    assert set(ours) >= REQUIRED and ours["l0"] == ours.l0
+    store = ActivationsStore(
+        model, Dataset.from_dict({"tokens": tokens.tolist()}), streaming=False,
+        hook_name="blocks.1.attn.hook_z", hook_head_index=None, context_size=N_CTX, d_in=32,
+        n_batches_in_buffer=2, total_training_tokens=tokens.numel(), store_batch_size_prompts=8,
+        train_batch_size_tokens=32, prepend_bos=False, normalize_activations="none",
+        device=torch.device("cpu"), dtype="float32",
+    )  # fmt: skip
+    n_batches = tokens.shape[0] // 8  # every row once, in order
+    theirs, features = run_evals(
+        tl_sae, store, model, ActivationScaler(),
+        EvalConfig(
+            batch_size_prompts=8, n_eval_reconstruction_batches=n_batches,
+            n_eval_sparsity_variance_batches=n_batches, compute_kl=True, compute_ce_loss=True,
+            compute_sparsity_metrics=True, compute_variance_metrics=True,
+            compute_featurewise_density_statistics=True,
+        ),
+        exclude_special_tokens=[0],
+    )  # fmt: skip
+    ce = theirs["model_performance_preservation"]
+    pairs = {
+        "l0": theirs["sparsity"]["l0"],
+        "explained_variance": theirs["reconstruction_quality"]["explained_variance"],
+        "mse": theirs["reconstruction_quality"]["mse"],
+        "ce_clean": ce["ce_loss_without_sae"],
+        "ce_sae": ce["ce_loss_with_sae"],
+        "ce_zero_ablation": ce["ce_loss_with_ablation"],
+        "loss_recovered_zero": ce["ce_loss_score"],
+        "kl": theirs["model_behavior_preservation"]["kl_div_with_sae"],
+    }
+    for key, value in pairs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    density = torch.tensor(features["feature_density"])
+    torch.testing.assert_close(ours.feature_density, density, rtol=0, atol=1e-6)
+    assert ours.dead_fraction == pytest.approx((density == 0).float().mean().item())
+    assert ours.dead_fraction >= 8 / tl_sae.cfg.d_sae  # the eight made dead
+    assert 0.2 < ours.explained_variance < 1 and 0 < ours.l0 < tl_sae.cfg.d_sae
+    assert ours.n_tokens == tokens.numel() - tokens.shape[0]  # BOS left out
+    assert ours.delta_ce == pytest.approx(ours.ce_sae - ours.ce_clean)
+    # mean ablation: the recovered fraction uses its own baseline
+    expected = (ours.ce_mean_ablation - ours.ce_sae) / (ours.ce_mean_ablation - ours.ce_clean)
+    assert ours.loss_recovered_mean == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("convention", ["folded", "included"])
+def test_same_numbers_through_nnsight_and_transformer_lens(convention) -> None:
+    hf = build_hf("gpt2")
+    twin = build_twin(hf, fold_value_biases=False)
+    site = AttnSite.from_model(hf, 0)
+    sae = near_identity_sae(site, value_bias_convention=convention)
+    tokens = torch.randint(2, VOCAB_SIZE, (6, 12), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = 0
+    via_hf = sla.evaluate(hf, sae, tokens, batch_size=4, exclude_tokens=[0], progress=False)
+    via_tl = sla.evaluate(twin, sae, tokens, batch_size=4, exclude_tokens=[0], progress=False)
+    assert via_hf.convention == via_tl.convention == convention
+    for key in REQUIRED:
+        assert via_hf[key] == pytest.approx(via_tl[key], rel=1e-4, abs=1e-5), key
+
+
+def test_exact_reconstruction_recovers_all_the_loss() -> None:
+    hf = build_hf("llama")
+    site = AttnSite.from_model(hf, 1)
+    sae = near_identity_sae(site, noise=0.0, threshold=0.0)
+    tokens = torch.randint(2, VOCAB_SIZE, (4, 12), generator=torch.Generator().manual_seed(1))
+    result = sla.evaluate(hf, sae, tokens, progress=False)
+    assert result.convention == "included"  # no metadata: the backend's native convention
+    assert result.ce_sae == pytest.approx(result.ce_clean, abs=1e-5)
+    assert result.kl == pytest.approx(0.0, abs=1e-6)
+    assert result.mse == pytest.approx(0.0, abs=1e-8) and result.explained_variance == 1.0
+    assert result.ce_zero_ablation != pytest.approx(result.ce_clean, abs=1e-4)
+    assert result.loss_recovered_zero == pytest.approx(1.0, abs=1e-3)
+    assert result.loss_recovered_mean == pytest.approx(1.0, abs=1e-3)
+
+
+def test_padding_and_excluded_tokens_do_not_count(model, tl_sae) -> None:
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(2, D_VOCAB, (6, N_CTX), generator=g)
+    tokens[:, 0] = 0
+    mask = torch.ones_like(tokens)
+    lengths = [N_CTX, 9, 12, N_CTX, 5, 14]
+    for row, length in enumerate(lengths):
+        mask[row, length:] = 0
+    junk = tokens.clone()
+    junk[mask == 0] = torch.randint(2, D_VOCAB, (int((mask == 0).sum()),), generator=g)
+    first = sla.evaluate(model, tl_sae, (tokens, mask), exclude_tokens=[0], progress=False)
+    second = sla.evaluate(model, tl_sae, (junk, mask), exclude_tokens=[0], progress=False)
+    assert first.n_tokens == sum(lengths) - len(lengths)
+    assert first.n_predictions == sum(length - 2 for length in lengths)  # not from BOS, not to pad
+    for key in REQUIRED:
+        assert first[key] == pytest.approx(second[key], rel=1e-5, abs=1e-7), key
+    everything = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[], progress=False)
+    assert everything.n_tokens == tokens.numel() != first.n_tokens
+
+
+def test_text_dataset_with_the_models_tokenizer() -> None:
+    hf = build_hf("gpt2")
+    tokenizer = make_tokenizer(VOCAB_SIZE)
+    model = sla.hooked(hf, tokenizer)
+    sae = near_identity_sae(AttnSite.from_model(hf, 1))
+    text = " ".join(f"w{i % 50 + 2}" for i in range(200))
+    dataset = Dataset.from_dict({"text": [text]})
+    result = sla.evaluate(model, sae, dataset, context_size=16, progress=False)
+    rows = 200 // 15  # contexts of BOS and 15 text tokens, cut from the one document
+    assert result.n_tokens == rows * 15  # special tokens (BOS) excluded by default
+    assert not math.isnan(result.loss_recovered_zero)
+
+
+def test_an_sae_for_another_model_is_refused(model, gqa_model) -> None:
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    other = random_sae(AttnSite.from_model(gqa_model, 1))  # n_kv_heads=2
+    with pytest.raises(ValueError, match="n_kv_heads=2 in the SAE but 4 in the model"):
+        sla.evaluate(model, other, tokens, progress=False)
+    deep = random_sae(AttnSite(5, 4, 4, 8))
+    with pytest.raises(ValueError, match=r"layer 5 is out of range.*valid: 0\.\.1"):
+        sla.evaluate(model, deep, tokens, progress=False)
+    narrow = random_sae(AttnSite(1, 4, 4, 4), n_heads=None, d_head=None, n_kv_heads=None)
+    with pytest.raises(ValueError, match=r"d_in=16 does not match the site.*= 32"):
+        sla.evaluate(model, narrow, tokens, progress=False)
+
+
+def test_a_dataset_too_short_for_the_context_size(model, tl_sae) -> None:
+    tokens = torch.randint(1, D_VOCAB, (4, 8))
+    with pytest.raises(ValueError, match=r"too short for context_size=16.*hold 8 tokens"):
+        sla.evaluate(model, tl_sae, tokens, context_size=16, progress=False)
+    hooked = sla.hooked(build_hf("gpt2"), make_tokenizer(VOCAB_SIZE))
+    sae = near_identity_sae(AttnSite.from_model(hooked, 0))
+    with pytest.raises(ValueError, match="too short for context_size=64"):
+        sla.evaluate(hooked, sae, ["w3 w4 w5"], context_size=64, progress=False)
+    with pytest.raises(ValueError, match="expected one of 'tokens', 'input_ids' or 'text'"):
+        sla.evaluate(model, tl_sae, Dataset.from_dict({"ids": [[1, 2]]}), progress=False)
+    with pytest.raises(ValueError, match="no position can be counted"):
+        sla.evaluate(model, tl_sae, torch.zeros(2, 8, dtype=torch.long), exclude_tokens=[0],
+                     progress=False)  # fmt: skip
+
+
+def test_cli_table_for_sae_folders_on_a_hugging_face_model(tmp_path, capsys) -> None:
+    hf = build_hf("gpt2")
+    hf.save_pretrained(tmp_path / "model")
+    make_tokenizer(VOCAB_SIZE).save_pretrained(tmp_path / "model")
+    folders = []
+    for layer in (1, 0):
+        folder = tmp_path / f"sae{layer}"
+        near_identity_sae(AttnSite.from_model(hf, layer), seed=layer).save_model(folder)
+        folders.append(str(folder))
+    torch.save(torch.randint(2, VOCAB_SIZE, (8, 16)), tmp_path / "tokens.pt")
+    code = main(["evaluate", "--model", f"hf:{tmp_path / 'model'}", "--sae", *folders,
+                 "--tokens", str(tmp_path / "tokens.pt"), "--context-size", "16",
+                 "--out", str(tmp_path / "eval")])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    lines = [line for line in printed.out.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| layer | SAE | L0 | loss rec. (zero) | loss rec. (mean) | dead %")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["0", "1"]  # sorted by layer
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "evaluation.json", "per_layer.html", "per_layer.png",
+    ]  # fmt: skip
+    assert (tmp_path / "eval" / "per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    code = main(["evaluate", "--model", f"hf:{tmp_path / 'model'}", "--release", "no-such-rel",
+                 "--tokens", str(tmp_path / "tokens.pt")])  # fmt: skip
+    assert code == 1 and "no release 'no-such-rel'" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""The recipes of ``recipes/``: each ``--smoke`` run end to end in a subprocess, and its outputs."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from sae_lens import SAE
+
+import sae_lens_attn as sla
+
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:\s*This SAE has non-empty model_from_pretrained_kwargs"
+)
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+NEW_RECIPES = (
+    "reproduce_kissane_gpt2_small.py",
+    "train_attn_saes_hf_nnsight.py",
+    "publish_release.py",
+)
+SAE_FILES = ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+
+
+def run_smoke(recipe: str, out: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(RECIPES / recipe), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def load_attention_sae(folder: Path, site: sla.AttnSite) -> SAE:
+    """Load with plain SAELens; check the attention metadata and that it splices at hook_z."""
+    assert sorted(p.name for p in folder.iterdir() if p.name in SAE_FILES) == SAE_FILES
+    sae = SAE.load_from_disk(folder)
+    assert sae.cfg.reshape_activations == "hook_z"
+    meta = sae.cfg.metadata
+    assert meta.hook_name == site.hook_name
+    assert (meta.layer, meta.n_heads, meta.n_kv_heads, meta.d_head) == (
+        site.layer,
+        site.n_heads,
+        site.n_kv_heads,
+        site.d_head,
+    )
+    assert sla.AttnSite.from_sae(sae) == site
+    z = torch.randn(2, 5, site.n_heads, site.d_head)
+    assert sae(z).shape == z.shape
+    return sae
+
+
+@pytest.mark.parametrize("recipe", NEW_RECIPES)
+def test_recipe_documents_every_option_and_its_needs(recipe: str) -> None:
+    source = (RECIPES / recipe).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    docstring = ast.get_docstring(tree) or ""
+    for needed in ("Data and hardware", "--smoke", "measured", "Run:"):
+        assert needed in docstring, f"{recipe}'s docstring does not say {needed!r}"
+    options = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+    ]
+    assert len(options) >= 4
+    for option in options:
+        flag = ast.literal_eval(option.args[0])
+        helps = [kw.value for kw in option.keywords if kw.arg == "help"]
+        assert helps and ast.literal_eval(helps[0]).strip(), f"{recipe}: {flag} has no help"
+    modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    modules += [
+        a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
+    ]
+    assert "sae_lens_attn" in modules
+    private = [m for m in modules if m.startswith("sae_lens_attn.")]
+    assert not private, f"{recipe} imports {private}; recipes use the public `sla.<name>` only"
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sla"
+    }
+    assert used and used <= set(sla.__all__), f"{recipe} uses non-public {used - set(sla.__all__)}"
+
+
+@pytest.mark.slow
+def test_reproduce_kissane_smoke_resamples_and_saves_every_layer(tmp_path) -> None:
+    stdout = run_smoke("reproduce_kissane_gpt2_small.py", tmp_path)
+    resampled = [int(n) for n in re.findall(r"resampled (\d+) dead features", stdout)]
+    assert len(resampled) == 4, stdout  # 2 layers × 2 resamplings
+    assert sum(resampled) > 0, "the smoke run's resampling never triggered"
+    assert "layer 1: l1_coeff 3.0, dictionary 256" in stdout
+    for layer in (0, 1):
+        site = sla.AttnSite(layer=layer, n_heads=4, n_kv_heads=4, d_head=16)
+        sae = load_attention_sae(tmp_path / site.hook_name, site)
+        assert sae.cfg.architecture() == "standard" and sae.cfg.d_sae == 256
+        meta = sae.cfg.metadata
+        assert meta.value_bias_convention == "folded"
+        assert meta.model_from_pretrained_kwargs == {"fold_value_biases": True}
+        assert meta.context_size == 128 and meta.model_name == "smoke-2l-attn-only"
+
+
+@pytest.mark.slow
+def test_hf_nnsight_smoke_trains_with_the_saelens_runner_on_gqa_llama(tmp_path) -> None:
+    stdout = run_smoke("train_attn_saes_hf_nnsight.py", tmp_path)
+    site = sla.AttnSite(layer=1, n_heads=4, n_kv_heads=2, d_head=16)
+    assert f"smoke-llama-2l: {site}" in stdout
+    sae = load_attention_sae(tmp_path, site)
+    assert sae.cfg.architecture() == "topk" and sae.cfg.d_sae == 4 * site.d_in
+    meta = sae.cfg.metadata
+    assert (meta.hf_architecture, meta.hf_module_path) == (
+        "LlamaForCausalLM",
+        "model.layers.1.self_attn.o_proj",
+    )
+    assert meta.model_name == "smoke-llama-2l"
+
+
+@pytest.mark.slow
+def test_publish_release_smoke_publishes_and_loads_back_by_name(tmp_path) -> None:
+    out = tmp_path / "release"
+    stdout = run_smoke("publish_release.py", out)
+    release = "smoke-bytes-2l-attn-z-mine"
+    for layer in (0, 1):
+        site = sla.AttnSite(layer=layer, n_heads=4, n_kv_heads=4, d_head=16)
+        load_attention_sae(out / f"blocks.{layer}", site)
+        assert f"loaded {release}/blocks.{layer}: {site}, reshape_activations=hook_z" in stdout
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f'SAE.from_pretrained("{release}", "blocks.0")' in card
+    entry = yaml.safe_load((out / "upstream" / "pretrained_saes.yaml").read_text(encoding="utf-8"))
+    assert entry[release]["repo_id"] == f"me/{release}"
+    assert [sae["id"] for sae in entry[release]["saes"]] == ["blocks.0", "blocks.1"]
+    assert all(isinstance(sae["l0"], float) for sae in entry[release]["saes"])
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]

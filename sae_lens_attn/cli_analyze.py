@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 from sae_lens_attn.analysis import AnalysisInput, dfa_at_peaks, get, head_attribution, names
 from sae_lens_attn.analysis.registry import Table
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.files import staging_dir
 from sae_lens_attn.loading import load_model, load_sae, load_tokens
 from sae_lens_attn.plots import dfa_tokens_html, head_attribution_heatmap, html_page
 
@@ -98,9 +98,7 @@ def run(args: argparse.Namespace) -> int:
         options["features"] = [int(f) for f in args.features.split(",")]
     inputs = AnalysisInput(backend_for(model), sae, tokens, tokenizer=tokenizer, options=options)
 
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None)
-    )
+    tmp = staging_dir(out)
     try:
         for analyzer in tqdm(analyzers.values(), desc="analyzers", unit="analyzer"):
             for table_name, table in analyzer(inputs).items():

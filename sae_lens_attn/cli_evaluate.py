@@ -10,11 +10,11 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sae_lens_attn.evaluation import Evaluation, evaluate
+from sae_lens_attn.files import staging_dir
 from sae_lens_attn.loading import load_model, load_sae, load_tokens
 from sae_lens_attn.plots import html_page, layer_metrics_html, layer_metrics_png
 from sae_lens_attn.site import AttnSite
@@ -153,7 +153,7 @@ def _cell(fmt: str, value: Any) -> str:
 
 def _write(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         tmp.chmod(0o755)
         (tmp / "evaluation.json").write_text(json.dumps(rows, indent=1))

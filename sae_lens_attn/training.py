@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -16,6 +15,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
 
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.files import staging_dir
 from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES, AttnArchitecture, AttnTrainingSAEConfig
 from sae_lens_attn.site import AttnSite
 from sae_lens_attn.store import AttnActivationStore, TokenBatch
@@ -125,7 +125,7 @@ def train_attn_saes(
 
 def _save_atomically(sae: TrainingSAE[Any], log_sparsity: torch.Tensor, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         sae.save_inference_model(tmp)
         save_file({"sparsity": log_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from sae_lens_attn.backends import backend_for
 from sae_lens_attn.dashboard import panels, saedashboard
 from sae_lens_attn.dashboard.data import FeatureData, check_features, collect, feature_activations
 from sae_lens_attn.evaluation import check_context
+from sae_lens_attn.files import staging_dir
 from sae_lens_attn.site import AttnSite
 
 Engine = Literal["auto", "saedashboard", "own"]
@@ -128,7 +128,7 @@ def build_dashboard(
                 ignore_tokens=excluded, batch_size=batch_size,
             )  # fmt: skip
         title = title or f"{site.hook_name} ({sae.cfg.d_sae} features)"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
+        tmp = staging_dir(out, _parent(out))
         try:
             tmp.chmod(0o755)  # mkdtemp's 0700 is for the temporary name only
             if used == "saedashboard":

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae_lens_attn.files import staging_dir
 from sae_lens_attn.pretrained import directory
 from sae_lens_attn.pretrained.hub import push_to_hub
 from sae_lens_attn.pretrained.metrics import SAEMetrics, measure
@@ -150,7 +151,7 @@ def publish(
         links=dict(links) if links else None,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         for entry in entries:
             sae = loaded[entry.sae_id][0]

@@ -216,7 +216,7 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         head_attribution(shipped)[shown],
         shown,
         folder / "plots" / "head_attribution.png",
-        title=f"head attribution, layer {options.layer} (induction heads {list(report.induction_heads)})",
+        title=f"layer {options.layer}: head attribution",
     )
     steps.update()
 
@@ -298,11 +298,17 @@ def _write_summary(
         f"({', '.join(map(str, result.induction_features[:20]))}); "
         f"negative-control pass rate {result.control_pass_rate:.2f}.",
         "",
+        "## Plots",
+        "",
+        "![per layer](plots/layers.png)",
+        "![head attribution](plots/head_attribution.png)",
+        "",
         "## Files",
         "",
         f"- [dashboard]({dashboard.as_posix()}) — feature pages with DFA and head attribution",
-        "- [plots/head_attribution.png](plots/head_attribution.png), [plots/layers.png](plots/layers.png)",
-        "- [evaluation.csv](evaluation.csv), [analysis/](analysis/) — tables",
+        "- [evaluation.csv](evaluation.csv) — fresh and shipped SAE on held-out contexts",
+        "- [evaluation_per_layer.csv](evaluation_per_layer.csv) — the shipped SAEs per layer",
+        "- [analysis/](analysis/) — analyzer tables (DFA, head attribution, induction)",
         "- [fresh_sae/](fresh_sae/) — the SAE trained here, SAELens format",
     ]
     result.summary_md.write_text("\n".join(lines) + "\n")
@@ -330,6 +336,12 @@ def _markdown_page(lines: Sequence[str]) -> str:
             switch("table")
             cells = [c.strip() for c in line.strip("|").split("|")]
             body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        elif line.startswith("!["):
+            switch("")
+            alt, target = line[2:].rstrip(")").split("](", 1)
+            body.append(
+                f'<img src="{html.escape(target)}" alt="{html.escape(alt)}" style="max-width:100%">'
+            )
         elif line.startswith("- ["):
             switch("ul")
             label, rest = line[3:].split("](", 1)

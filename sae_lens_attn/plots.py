@@ -30,7 +30,7 @@ def head_attribution_heatmap(
     import matplotlib.pyplot as plt
 
     n_features, n_heads = shares.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_heads, 1.2 + 0.22 * n_features))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.45 * n_heads), 1.2 + 0.22 * n_features))
     image = ax.imshow(shares.float().numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(n_heads), [f"H{h}" for h in range(n_heads)])
     ax.set_yticks(range(n_features), [str(f) for f in features], fontsize=7)

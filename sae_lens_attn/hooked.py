@@ -21,7 +21,8 @@ from transformer_lens.hook_points import HookedRootModule, HookPoint
 from transformer_lens.HookedTransformer import Output
 from transformer_lens.utils import lm_cross_entropy_loss
 
-from sae_lens_attn.backends.nnsight import Interventions, NNsightBackend
+from sae_lens_attn.backends.base import Interventions
+from sae_lens_attn.backends.nnsight import NNsightBackend
 
 ReturnType = Literal["logits", "loss", "both"] | None
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
-from typing import Any, NamedTuple
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -98,6 +99,47 @@ def splicer(replace: ZReplacement, bias: Tensor | None) -> ActivationFn:
     return splice
 
 
+InterventionKind = Literal["z", "values", "patterns"]
+"""What a callback sees: z (replaceable), values (KV heads not expanded), attention patterns."""
+INTERVENTION_KINDS: tuple[InterventionKind, ...] = get_args(InterventionKind)
+
+
+@dataclass
+class Interventions:
+    """Per-layer callbacks for a forward pass, in TransformerLens shapes; a backend applies
+    them in order (a returned z replaces the one the next callback and the model see).
+
+    z ``[batch, pos, n_heads, d_head]`` (as the model computes it), values
+    ``[batch, pos, n_kv_heads, d_head]``, patterns ``[batch, n_heads, q, k]``.
+    """
+
+    z: dict[int, list[ActivationFn]] = field(default_factory=dict)
+    values: dict[int, list[ActivationFn]] = field(default_factory=dict)
+    patterns: dict[int, list[ActivationFn]] = field(default_factory=dict)
+
+    def add(self, kind: InterventionKind, layer: int, fn: ActivationFn) -> None:
+        getattr(self, kind).setdefault(layer, []).append(fn)
+
+    def merged(self, other: Interventions) -> Interventions:
+        out = Interventions()
+        for source in (self, other):
+            for kind in INTERVENTION_KINDS:
+                for layer, fns in getattr(source, kind).items():
+                    getattr(out, kind).setdefault(layer, []).extend(fns)
+        return out
+
+    def items(self) -> Iterator[tuple[InterventionKind, int, ActivationFn]]:
+        """Every ``(kind, layer, fn)``, in the order they were added per layer and kind."""
+        for kind in INTERVENTION_KINDS:
+            for layer, fns in getattr(self, kind).items():
+                for fn in fns:
+                    yield kind, layer, fn
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({*self.z, *self.values, *self.patterns})
+
+
 def expand_kv_heads(
     values: Float[Tensor, " batch pos n_kv_heads d_head"], site: AttnSite
 ) -> Float[Tensor, " batch pos n_heads d_head"]:
@@ -153,6 +195,10 @@ class AttnBackend(ABC):
         """b_V per query head as the model holds it now (zeros if the model has none or folded it)."""
 
     @abstractmethod
+    def intervening(self, plan: Interventions) -> AbstractContextManager[None]:
+        """Apply ``plan`` to the forward passes inside the block; always removed on exit."""
+
+    @contextmanager
     def capturing(
         self,
         sites: Iterable[AttnSite],
@@ -160,17 +206,35 @@ class AttnBackend(ABC):
         pattern: bool = False,
         values: bool = False,
         convention: ValueBiasConvention = "folded",
-    ) -> AbstractContextManager[Captures]:
+    ) -> Iterator[Captures]:
         """Collect z (and optionally patterns and values) at ``sites`` during forward passes."""
+        sites = [self._own(site) for site in sites]
+        captures = Captures(sites, self.value_biases(sites), check_convention(convention))
+        plan = Interventions()
+        for site in sites:
+            plan.add("z", site.layer, saver(captures.raw, (site.layer, "z")))
+            if pattern:
+                plan.add("patterns", site.layer, saver(captures.raw, (site.layer, "pattern")))
+            if values:
+                plan.add("values", site.layer, saver(captures.raw, (site.layer, "values")))
+        with self.intervening(plan):
+            yield captures
 
-    @abstractmethod
+    @contextmanager
     def splicing(
         self,
         replacements: Mapping[AttnSite, ZReplacement],
         *,
         convention: ValueBiasConvention = "folded",
-    ) -> AbstractContextManager[None]:
+    ) -> Iterator[None]:
         """Replace z at each site by ``fn(z)`` during forward passes; ``z`` in ``convention``."""
+        check_convention(convention)
+        plan = Interventions()
+        for site, replace in replacements.items():
+            bias = self.value_bias(self._own(site)) if convention == "folded" else None
+            plan.add("z", site.layer, splicer(replace, bias))
+        with self.intervening(plan):
+            yield
 
     @abstractmethod
     def forward(
@@ -209,3 +273,12 @@ class AttnBackend(ABC):
                 attention_mask=attention_mask,
             )
         return caps
+
+    def _own(self, site: AttnSite) -> AttnSite:
+        """``site`` if it is one of this model's sites, else a clear error."""
+        mine = self.site(site.layer)
+        if mine != site:
+            raise ValueError(
+                f"{site} does not belong to this model, whose layer {site.layer} is {mine}"
+            )
+        return site

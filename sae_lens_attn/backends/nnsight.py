@@ -6,9 +6,8 @@ so the same code runs locally and, with ``remote=True``, on NDIF.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, cast
 
@@ -19,45 +18,8 @@ from nnsight import Envoy
 from torch import Tensor, nn
 
 from sae_lens_attn.architectures import HF_ARCHITECTURES, hf_architecture
-from sae_lens_attn.backends.base import (
-    ActivationFn,
-    AttnBackend,
-    Captures,
-    ZReplacement,
-    check_convention,
-    expand_kv_heads,
-    saver,
-    splicer,
-)
+from sae_lens_attn.backends.base import AttnBackend, Interventions, expand_kv_heads
 from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
-
-
-@dataclass
-class Interventions:
-    """Per-layer callbacks for one traced forward pass, in TransformerLens shapes.
-
-    z ``[batch, pos, n_heads, d_head]`` (as the model computes it), values
-    ``[batch, pos, n_kv_heads, d_head]``, patterns ``[batch, n_heads, q, k]``.
-    """
-
-    z: dict[int, list[ActivationFn]] = field(default_factory=dict)
-    values: dict[int, list[ActivationFn]] = field(default_factory=dict)
-    patterns: dict[int, list[ActivationFn]] = field(default_factory=dict)
-
-    def add(self, kind: str, layer: int, fn: ActivationFn) -> None:
-        getattr(self, kind).setdefault(layer, []).append(fn)
-
-    def merged(self, other: Interventions) -> Interventions:
-        out = Interventions()
-        for source in (self, other):
-            for kind in ("z", "values", "patterns"):
-                for layer, fns in getattr(source, kind).items():
-                    getattr(out, kind).setdefault(layer, []).extend(fns)
-        return out
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted({*self.z, *self.values, *self.patterns})
 
 
 class NNsightBackend(AttnBackend):
@@ -137,42 +99,6 @@ class NNsightBackend(AttnBackend):
             return torch.zeros(site.n_heads, site.d_head, device=self._device, dtype=self._dtype)
         per_kv_head = self.arch.read_values(bias.detach(), site.n_kv_heads, site.d_head)
         return expand_kv_heads(per_kv_head, site)
-
-    @contextmanager
-    def capturing(
-        self,
-        sites: Iterable[AttnSite],
-        *,
-        pattern: bool = False,
-        values: bool = False,
-        convention: ValueBiasConvention = "folded",
-    ) -> Iterator[Captures]:
-        sites = [self._own(site) for site in sites]
-        captures = Captures(sites, self.value_biases(sites), check_convention(convention))
-        plan = Interventions()
-        for site in sites:
-            plan.add("z", site.layer, saver(captures.raw, (site.layer, "z")))
-            if pattern:
-                plan.add("patterns", site.layer, saver(captures.raw, (site.layer, "pattern")))
-            if values:
-                plan.add("values", site.layer, saver(captures.raw, (site.layer, "values")))
-        with self.intervening(plan):
-            yield captures
-
-    @contextmanager
-    def splicing(
-        self,
-        replacements: Mapping[AttnSite, ZReplacement],
-        *,
-        convention: ValueBiasConvention = "folded",
-    ) -> Iterator[None]:
-        check_convention(convention)
-        plan = Interventions()
-        for site, replace in replacements.items():
-            bias = self.value_bias(self._own(site)) if convention == "folded" else None
-            plan.add("z", site.layer, splicer(replace, bias))
-        with self.intervening(plan):
-            yield
 
     @contextmanager
     def intervening(self, plan: Interventions) -> Iterator[None]:
@@ -260,14 +186,6 @@ class NNsightBackend(AttnBackend):
                 "eager attention is not supported for it: load it with attn_implementation='eager'"
             )
         return _eager_attention(self.model)
-
-    def _own(self, site: AttnSite) -> AttnSite:
-        mine = self.site(site.layer)
-        if mine != site:
-            raise ValueError(
-                f"{site} does not belong to this model, whose layer {site.layer} is {mine}"
-            )
-        return site
 
     @property
     def _device(self) -> torch.device:

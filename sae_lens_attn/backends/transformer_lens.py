@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,15 +14,10 @@ from sae_lens_attn.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,
-    Captures,
-    ZReplacement,
-    check_convention,
-    saver,
-    splicer,
+    InterventionKind,
+    Interventions,
 )
-from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
-
-HookFn = ActivationFn
+from sae_lens_attn.site import AttnSite, check_layer
 
 
 class TransformerLensBackend(AttnBackend):
@@ -56,40 +51,18 @@ class TransformerLensBackend(AttnBackend):
         return self.model.blocks[site.layer].attn.b_V.detach()
 
     @contextmanager
-    def capturing(
-        self,
-        sites: Iterable[AttnSite],
-        *,
-        pattern: bool = False,
-        values: bool = False,
-        convention: ValueBiasConvention = "folded",
-    ) -> Iterator[Captures]:
-        sites = [self._own(site) for site in sites]
-        captures = Captures(sites, self.value_biases(sites), check_convention(convention))
-        hooks: dict[str, HookFn] = {}
-        for site in sites:
-            hooks[site.hook_name] = saver(captures.raw, (site.layer, "z"))
-            if pattern:
-                hooks[site.pattern_hook_name] = saver(captures.raw, (site.layer, "pattern"))
-            if values:
-                hooks[site.values_hook_name] = saver(captures.raw, (site.layer, "values"))
-        with self._hooked(hooks):
-            yield captures
-
-    @contextmanager
-    def splicing(
-        self,
-        replacements: Mapping[AttnSite, ZReplacement],
-        *,
-        convention: ValueBiasConvention = "folded",
-    ) -> Iterator[None]:
-        check_convention(convention)
-        hooks: dict[str, HookFn] = {}
-        for site, replace in replacements.items():
-            bias = self.value_bias(self._own(site)) if convention == "folded" else None
-            hooks[site.hook_name] = splicer(replace, bias)
-        with self._hooked(hooks):
+    def intervening(self, plan: Interventions) -> Iterator[None]:
+        """Attach the plan's callbacks to hook points as forward hooks; always detach them."""
+        hook_points: dict[str, nn.Module] = self.model.hook_dict  # type: ignore[assignment]
+        handles = []
+        try:
+            for kind, layer, fn in plan.items():
+                name = getattr(self.site(layer), _HOOK_OF_KIND[kind])
+                handles.append(hook_points[name].register_forward_hook(_as_torch_hook(fn)))
             yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def forward(
         self,
@@ -105,28 +78,14 @@ class TransformerLensBackend(AttnBackend):
             return None
         return self.model(tokens, return_type="logits", attention_mask=attention_mask)
 
-    def _own(self, site: AttnSite) -> AttnSite:
-        """``site`` if it is one of this model's sites, else a clear error."""
-        mine = self.site(site.layer)
-        if mine != site:
-            raise ValueError(
-                f"{site} does not belong to this model, whose layer {site.layer} is {mine}"
-            )
-        return site
 
-    @contextmanager
-    def _hooked(self, hooks: Mapping[str, HookFn]) -> Iterator[None]:
-        """Attach forward hooks to hook points by name; always detach them on exit."""
-        hook_points: dict[str, nn.Module] = self.model.hook_dict  # type: ignore[assignment]
-        handles = []
-        try:
-            for name, fn in hooks.items():
-                handles.append(hook_points[name].register_forward_hook(_as_torch_hook(fn)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+_HOOK_OF_KIND: dict[InterventionKind, str] = {
+    "z": "hook_name",
+    "values": "values_hook_name",
+    "patterns": "pattern_hook_name",
+}
+"""The ``AttnSite`` property naming the hook point each kind of callback goes on."""
 
 
-def _as_torch_hook(fn: HookFn) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
+def _as_torch_hook(fn: ActivationFn) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
     return lambda _module, _inputs, output: fn(output)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import encode_z
+from sae_lens_attn.analysis.dfa import encode_z, sae_convention
 from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
@@ -144,9 +144,7 @@ def top_features(inputs: AnalysisInput, n: int) -> list[int]:
     """The ``n`` features with the largest activation anywhere in ``inputs.tokens``."""
     backend = backend_for(inputs.model)
     site = AttnSite.from_sae(inputs.sae, backend)
-    convention = (
-        inputs.sae.cfg.metadata.get("value_bias_convention", None) or backend.native_convention
-    )
+    convention = sae_convention(inputs.sae, backend.native_convention)
     z = backend.capture(
         inputs.tokens, [site], convention=convention, attention_mask=inputs.attention_mask
     )[site.layer].z

@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.backends import backend_for
+from sae_lens_attn.backends import AttnBackend, AttnCapture, backend_for
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
 
 LINEAR_ENCODER_ARCHITECTURES = ("standard", "topk", "jumprelu")
@@ -89,21 +89,12 @@ def dfa(
     query = _positions(positions, tokens)
     mask = _query_mask(attention_mask, tokens, query)
 
-    capture = backend.capture(
-        tokens,
-        [site],
-        pattern=True,
-        values=True,
-        convention=sae_convention(sae, backend.native_convention),
-        attention_mask=attention_mask,
-    )[site.layer]
+    capture = dfa_capture(backend, sae, site, tokens, attention_mask)
     assert capture.pattern is not None and capture.values is not None
     batch_rows = torch.arange(tokens.shape[0])[:, None]
     pattern = capture.pattern.permute(0, 2, 1, 3)[batch_rows, query]  # (B, Q, H, S)
     z = capture.z_flat[batch_rows, query]  # (B, Q, d_in)
     values = capture.values  # (B, S, H, D)
-    if attention_mask is not None:
-        pattern = pattern * attention_mask[:, None, None, :].to(pattern.dtype)
 
     W_enc = sae.W_enc.detach().to(values.dtype)
     b_enc = _b_enc(sae).to(values.dtype)
@@ -117,7 +108,7 @@ def dfa(
         )
         pieces["by_src"].append(torch.einsum("bqhs,bshf->bqsf", pattern, projected))
         pieces["by_head"].append(torch.einsum("bqhs,bshf->bqhf", pattern, projected))
-        pieces["pre_act"].append(z @ w + b_enc[chunk] - b_dec @ w)
+        pieces["pre_act"].append(z @ w + bias)
         pieces["bias"].append(bias)
     out = {name: torch.cat(parts, dim=-1) for name, parts in pieces.items()}
     keep = mask[..., None].to(values.dtype)
@@ -130,6 +121,37 @@ def dfa(
         positions=query,
         mask=mask,
     )
+
+
+def dfa_capture(
+    backend: AttnBackend,
+    sae: SAE[Any],
+    site: AttnSite,
+    tokens: Int[Tensor, " batch pos"],
+    attention_mask: Int[Tensor, " batch pos"] | None = None,
+) -> AttnCapture:
+    """z, patterns and values for DFA: in the SAE's value-bias convention, with no attention
+    to padded source positions."""
+    capture = backend.capture(
+        tokens,
+        [site],
+        pattern=True,
+        values=True,
+        convention=sae_convention(sae, backend.native_convention),
+        attention_mask=attention_mask,
+    )[site.layer]
+    if attention_mask is not None and capture.pattern is not None:
+        keep = attention_mask[:, None, None, :].to(capture.pattern.dtype)
+        capture = capture._replace(pattern=capture.pattern * keep)
+    return capture
+
+
+def check_tokens(tokens: Tensor) -> None:
+    """Raise ``ValueError`` unless ``tokens`` is a non-empty ``[batch, pos]`` tensor."""
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(
+            f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}"
+        )
 
 
 def encode_z(
@@ -179,10 +201,7 @@ def _features(features: Tensor | list[int] | None, d_sae: int) -> Tensor:
 
 
 def _positions(positions: Tensor | None, tokens: Tensor) -> Tensor:
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}"
-        )
+    check_tokens(tokens)
     batch, n_pos = tokens.shape
     if positions is None:
         return torch.arange(n_pos).expand(batch, n_pos)

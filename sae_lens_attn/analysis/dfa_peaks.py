@@ -16,7 +16,14 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import _b_enc, _check_sae, _features, encode_z, sae_convention
+from sae_lens_attn.analysis.dfa import (
+    _b_enc,
+    _check_sae,
+    _features,
+    check_tokens,
+    dfa_capture,
+    encode_z,
+)
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
 
@@ -71,18 +78,8 @@ def dfa_at_peaks(
     site = AttnSite.from_sae(sae, backend)
     _check_sae(sae)
     feature_idx = _features(features, sae.cfg.d_sae)
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}"
-        )
-    cap = backend.capture(
-        tokens,
-        [site],
-        pattern=True,
-        values=True,
-        convention=sae_convention(sae, backend.native_convention),
-        attention_mask=attention_mask,
-    )[site.layer]
+    check_tokens(tokens)
+    cap = dfa_capture(backend, sae, site, tokens, attention_mask)
     assert cap.pattern is not None and cap.values is not None
     real = (
         torch.ones(tokens.shape, dtype=torch.bool)
@@ -98,10 +95,9 @@ def dfa_at_peaks(
         )
     elif ((peaks < 0) | (peaks >= tokens.shape[1])).any():
         raise ValueError(f"peaks must lie in 0..{tokens.shape[1] - 1}")
-    pattern = cap.pattern
-    if attention_mask is not None:
-        pattern = pattern * attention_mask[:, None, None, :].to(pattern.dtype)
-    result = peak_dfa(pattern, cap.values, cap.z_flat, sae, site, feature_idx, peaks, feature_chunk)
+    result = peak_dfa(
+        cap.pattern, cap.values, cap.z_flat, sae, site, feature_idx, peaks, feature_chunk
+    )
     mask = real.gather(1, peaks)
     keep = mask.to(result.pre_act.dtype)
     return PeakDFA(

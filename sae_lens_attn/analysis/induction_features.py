@@ -18,7 +18,7 @@ from jaxtyping import Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import _check_sae, encode_z, sae_convention
+from sae_lens_attn.analysis.dfa import _check_sae, dfa_capture, encode_z
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
 from sae_lens_attn.backends import backend_for
@@ -138,13 +138,10 @@ def induction_features(
 
     passes = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     tried = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    convention = sae_convention(sae, backend.native_convention)
     W_enc = sae.W_enc.detach()[:, feature_idx]  # (d_in, F)
     for start in range(0, tokens.shape[0], batch_size):
         rows = tokens[start : start + batch_size]
-        cap = backend.capture(rows, [site], pattern=True, values=True, convention=convention)[
-            site.layer
-        ]
+        cap = dfa_capture(backend, sae, site, rows)
         assert cap.pattern is not None and cap.values is not None
         acts = encode_z(sae, cap.z)[..., feature_idx]  # (B, Q, F) feature activations
         projected = torch.einsum(

@@ -24,7 +24,8 @@ from sae_lens.loading.pretrained_sae_loaders import (
 from safetensors import safe_open
 
 from sae_lens_attn.default_model import model as model_files
-from sae_lens_attn.pretrained import Release, ReleaseSAE, register_release
+from sae_lens_attn.pretrained import Release, ReleaseSAE
+from sae_lens_attn.pretrained.directory import register_packaged_release
 from sae_lens_attn.site import AttnSite
 
 RELEASE_NAME = "stdlib-2l-attn-z"
@@ -159,7 +160,7 @@ def register_default_release() -> Release:
                 f"{getattr(existing, '__module__', existing)}; sae_lens_attn cannot register its own"
             )
         table[PACKAGED_CONVERSION_FUNC] = function  # type: ignore[assignment]
-    return register_release(default_release(), replace=True)
+    return register_packaged_release(default_release())
 
 
 def _shipped_sae_metrics() -> dict[str, dict[str, float]]:

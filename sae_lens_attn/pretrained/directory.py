@@ -81,14 +81,25 @@ def register_pretrained() -> None:
                 )
             table[name] = function  # type: ignore[assignment]
     packaged = files("sae_lens_attn.pretrained").joinpath("releases.yaml")
-    _packaged.clear()
-    _packaged.update(
+    _packaged.update(  # keeps releases added by register_packaged_release
         parse_releases_yaml(
             packaged.read_text(encoding="utf-8"), source="sae_lens_attn releases.yaml"
         )
     )
     _install_directory_hook()
     _refresh()
+
+
+def register_packaged_release(release: Release) -> Release:
+    """Add a release shipped inside this package (idempotent, offline).
+
+    Packaged releases are this package's own, like those of ``releases.yaml``: the name is
+    checked against SAELens's directory only when that directory is built, where SAELens's own
+    release of the same name wins with a warning. So nothing here parses SAELens's YAML.
+    """
+    _packaged[release.name] = release
+    _refresh()
+    return release
 
 
 def register_release(release: Release, *, replace: bool = False) -> Release:

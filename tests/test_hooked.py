@@ -7,9 +7,6 @@ import torch
 from datasets import Dataset
 from sae_lens import (
     SAE,
-    LanguageModelSAERunnerConfig,
-    LanguageModelSAETrainingRunner,
-    LoggingConfig,
 )
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
@@ -19,6 +16,7 @@ import sae_lens_attn as sla
 from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches, backend_for
 
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
+from .test_sae_config import run_saelens_runner
 
 CTX = 16
 
@@ -106,27 +104,8 @@ def test_saelens_activations_store_flattens_hook_z(hooked_llama) -> None:
 
 def test_saelens_runner_and_evals_on_a_hugging_face_model(hooked_llama, tmp_path) -> None:
     cfg = sla.attn_sae_training_config(hooked_llama, 1, "topk", d_sae=64, k=4)
-    runner_cfg = LanguageModelSAERunnerConfig(
-        sae=cfg,
-        model_name="tiny-llama",
-        hook_name="blocks.1.attn.hook_z",
-        dataset_path="",
-        context_size=CTX,
-        training_tokens=1024,
-        train_batch_size_tokens=64,
-        store_batch_size_prompts=4,
-        n_batches_in_buffer=8,
-        device="cpu",
-        logger=LoggingConfig(log_to_wandb=False),
-        output_path=str(tmp_path),
-        n_checkpoints=0,
-        streaming=False,
-        prepend_bos=False,
-    )
     dataset = Dataset.from_dict({"tokens": tokens_for(32, seed=1).tolist()})
-    LanguageModelSAETrainingRunner(
-        runner_cfg, override_dataset=dataset, override_model=hooked_llama
-    ).run()
+    run_saelens_runner(hooked_llama, cfg, "blocks.1.attn.hook_z", tmp_path, dataset)
     sae = SAE.load_from_disk(tmp_path)
     assert sae.cfg.reshape_activations == "hook_z"
     meta = sae.cfg.metadata

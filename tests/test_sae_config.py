@@ -31,8 +31,11 @@ from .conftest import D_VOCAB, N_CTX
 TESTS_DIR = Path(__file__).parent
 
 
-def run_saelens_runner(model, sae_cfg, hook_name: str, out: Path):
-    tokens = torch.randint(1, D_VOCAB, (64, N_CTX), generator=torch.Generator().manual_seed(1))
+def run_saelens_runner(model, sae_cfg, hook_name: str, out: Path, dataset: Dataset | None = None):
+    """SAELens's own runner, offline: a pretokenized dataset (random tokens by default)."""
+    if dataset is None:
+        tokens = torch.randint(1, D_VOCAB, (64, N_CTX), generator=torch.Generator().manual_seed(1))
+        dataset = Dataset.from_dict({"tokens": tokens.tolist()})
     runner_cfg = LanguageModelSAERunnerConfig(
         sae=sae_cfg,
         model_name="tiny-attn",
@@ -50,7 +53,6 @@ def run_saelens_runner(model, sae_cfg, hook_name: str, out: Path):
         streaming=False,
         prepend_bos=False,
     )
-    dataset = Dataset.from_dict({"tokens": tokens.tolist()})
     return LanguageModelSAETrainingRunner(
         runner_cfg, override_dataset=dataset, override_model=model
     ).run()

@@ -27,11 +27,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from sae_dashboard.dfa_calculator import DFACalculator
+from sae_dashboard.dfa_calculator import (  # pyright: ignore[reportMissingImports]
+    DFACalculator,  # the saedashboard extra: installed on the oldest stack only
+)
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
+from sae_lens_attn.analysis.dfa import feature_acts
 from sae_lens_attn.analysis.dfa_peaks import peak_dfa
 
 parser = argparse.ArgumentParser(
@@ -82,10 +85,13 @@ pattern, values, z = (
 features = torch.randperm(d_sae)[:n_features].sort().values
 peaks = (z @ sae.W_enc[:, features] + sae.b_enc[features]).argmax(1)  # (prompts, F)
 feature_list = features.tolist()
+# The activations at every position are what a caller has already (it picked the peaks from
+# them); like DFACalculator, the timed call gets them rather than re-encoding every feature.
+acts = feature_acts(sae, cache[site.hook_name], features)
 
 
 def ours() -> Any:
-    return peak_dfa(pattern, values, z, sae, site, features, peaks)
+    return peak_dfa(pattern, values, z, sae, site, features, peaks, acts=acts)
 
 
 def theirs() -> Any:

@@ -1,15 +1,28 @@
-"""Activation-store throughput on a GPT-2-small-shaped model (random weights), side by side.
+"""Activation-store throughput per backend, against that backend's own plain forward pass.
 
-Measures tokens per second of flattened hook_z from:
-  * a plain Hugging Face forward pass that captures z with torch pre-hooks and stops after the
-    last layer needed (the practical limit),
-  * this package's store on the nnsight backend (the same Hugging Face model),
-  * this package's store on the TransformerLens backend (a HookedTransformer of the same shape),
-and all 12 layers from one pass against 12 single-layer passes. Runs are interleaved, repeated,
-and the median kept, so the printed ratios come from one run on one machine.
-
-Targets: nnsight store >= 0.85x the plain forward; 12 layers in one pass >= 6x faster than 12
+Three backends over GPT-2-small-shaped models with random weights: TransformerLens's
+``HookedTransformer``, nnsight over a Hugging Face ``GPT2LMHeadModel``, and TransformerLens 3's
+``TransformerBridge`` over a copy of that model (the bridge re-wraps the modules it is given).
+For each, tokens per second of flattened hook_z ``[tokens, n_heads * d_head]`` from:
+  * its plain forward, stopped after the last layer needed, with the cheapest hooks it offers:
+    HookedTransformer and bridge: a hook on each ``blocks.L.attn.hook_z`` (resolved once, added
+    with ``HookPoint.add_hook``) and ``model(tokens, return_type=None, stop_at_layer=last + 1)``;
+    Hugging Face: torch pre-hooks on ``c_proj``, the last one raising to stop the pass;
+  * this package's store, ``sla.AttnActivationStore(...).activations(tokens)``, on that model;
+for all 12 layers and for layer 5 alone; and the store's one pass for 12 layers against 12
 single-layer passes.
+
+Targets: store >= 0.95x its backend's plain forward (12 layers); one pass for 12 layers >= 6x
+faster than 12 single-layer passes (each of which already stops early, so the ideal is
+78 layer-passes / 12 = 6.5x).
+
+Timing: each contender runs once to warm up, then ``--repeats`` rounds. In a round the backends
+come in a rotated order and each backend's contenders run back to back (reversed every other
+round), so a store and its plain forward see the same background load; ratios are medians of the
+per-round ratios, tokens/s medians of the rounds. The load average is printed before and after:
+on a shared machine other processes skew absolute figures, ratios much less.
+
+On TransformerLens 2 (no ``transformer_lens.model_bridge``) the bridge row is skipped, saying why.
 
 Run:
     python benchmarks/store_throughput.py            # batch 8 x 128 tokens, 5 repeats
@@ -19,13 +32,21 @@ Run:
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.util
+import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from typing import Any
 
 import torch
+import transformers
+from tokenizers import Tokenizer, models
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -34,13 +55,22 @@ import sae_lens_attn as sla
 parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
 )
-parser.add_argument("--batch", type=int, default=8)
-parser.add_argument("--ctx", type=int, default=128)
-parser.add_argument("--repeats", type=int, default=5)
+parser.add_argument("--batch", type=int, help="rows per pass (default 8; 2 with --smoke)")
+parser.add_argument("--ctx", type=int, help="tokens per row (default 128; 16 with --smoke)")
+parser.add_argument("--repeats", type=int, help="timed rounds (default 5; 2 with --smoke)")
 parser.add_argument(
-    "--smoke", action="store_true", help="tiny model, for a quick check of the script"
+    "--threads", type=int, help="torch threads (default: torch's choice; 1 with --smoke)"
+)
+parser.add_argument(
+    "--smoke", action="store_true", help="tiny model and batch, for a quick check of the script"
 )
 args = parser.parse_args()
+defaults = {"batch": (8, 2), "ctx": (128, 16), "repeats": (5, 2), "threads": (None, 1)}
+for option, (full, smoke) in defaults.items():
+    if getattr(args, option) is None:
+        setattr(args, option, smoke if args.smoke else full)
+if args.threads is not None:
+    torch.set_num_threads(args.threads)
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)
@@ -49,15 +79,19 @@ shape = (
     if args.smoke
     else {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257}
 )
-hf: Any = GPT2LMHeadModel(
-    GPT2Config(
-        n_positions=max(args.ctx, 128),
-        n_layer=shape["n_layer"],
-        n_embd=shape["n_embd"],
-        n_head=shape["n_head"],
-        vocab_size=shape["vocab_size"],
-    )
-).eval()
+D_IN = shape["n_embd"]
+SINGLE = 5  # the layer of the single-layer rows
+all_layers = list(range(shape["n_layer"]))
+hf_config = GPT2Config(
+    n_positions=max(args.ctx, 128),
+    n_layer=shape["n_layer"],
+    n_embd=shape["n_embd"],
+    n_head=shape["n_head"],
+    vocab_size=shape["vocab_size"],
+    bos_token_id=shape["vocab_size"] - 1,  # GPT-2's 50256 on the full-size vocabulary
+    eos_token_id=shape["vocab_size"] - 1,
+)
+hf: Any = GPT2LMHeadModel(hf_config).eval()
 tl = HookedTransformer(
     HookedTransformerConfig(
         n_layers=shape["n_layer"],
@@ -73,40 +107,114 @@ tl = HookedTransformer(
 ).eval()
 tokens = torch.randint(0, shape["vocab_size"], (args.batch, args.ctx))
 n_tokens = tokens.numel()
-all_layers = list(range(shape["n_layer"]))
+
+
+def boot_bridge() -> tuple[Any, str]:
+    """A ``TransformerBridge`` over a copy of ``hf`` (the bridge re-wraps the modules of the
+    model it is given) and ``""``, or ``None`` and why not. ``boot_transformers`` re-loads the
+    tokenizer from its ``name_or_path``, so a word-level tokenizer is written to disk and read
+    back; with ``hf_model`` and a tokenizer given it needs nothing from the Hub."""
+    if importlib.util.find_spec("transformer_lens.model_bridge") is None:
+        return None, (
+            f"TransformerLens {version('transformer-lens')} has no transformer_lens.model_bridge "
+            "(TransformerBridge needs TransformerLens >= 3)"
+        )
+    from transformer_lens.model_bridge import (  # pyright: ignore[reportMissingImports]
+        TransformerBridge,  # TransformerLens >= 3 only: checked above
+    )
+
+    copy: Any = GPT2LMHeadModel(hf_config).eval()
+    copy.load_state_dict(hf.state_dict())
+    vocab = {f"w{i}": i for i in range(shape["vocab_size"])}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")),
+        bos_token="w0",
+        eos_token="w0",
+        unk_token="w0",
+        pad_token="w0",
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(
+            "benchmark-gpt2",
+            hf_model=copy,
+            tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
+            device="cpu",
+        )
+    return bridge, ""
+
+
+bridge, bridge_skipped = boot_bridge()
 
 
 class _Stop(Exception):
     pass
 
 
-def plain_forward(layers: list[int]) -> None:
-    """z of ``layers`` from torch pre-hooks on c_proj; stops inside the last layer needed."""
-    seen: dict[int, torch.Tensor] = {}
+def plain_hf(layers: list[int]) -> Callable[[], None]:
+    """z of ``layers`` from torch pre-hooks on ``c_proj``; stops inside the last layer needed."""
     last = max(layers)
+    modules = [hf.transformer.h[layer].attn.c_proj for layer in layers]
 
-    def grab(layer: int):
-        def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            seen[layer] = inputs[0].reshape(-1, inputs[0].shape[-1]).clone()
-            if layer == last:
-                raise _Stop
+    def run() -> dict[int, torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
 
-        return hook
+        def grab(layer: int):
+            def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                seen[layer] = inputs[0].reshape(-1, D_IN)  # (B*T, H*D)
+                if layer == last:
+                    raise _Stop
 
-    handles = [
-        hf.transformer.h[layer].attn.c_proj.register_forward_pre_hook(grab(layer))
-        for layer in layers
-    ]
-    try:
-        hf(tokens)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+            return hook
+
+        handles = [
+            module.register_forward_pre_hook(grab(layer))
+            for layer, module in zip(layers, modules, strict=True)
+        ]
+        try:
+            hf(tokens)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    return lambda: _check(run(), layers)
 
 
-def store_pass(model: object, layers: list[int]) -> Callable[[], None]:
+def plain_hook_z(model: Any, layers: list[int]) -> Callable[[], None]:
+    """z of ``layers`` from hooks on ``blocks.L.attn.hook_z`` (HookedTransformer or bridge),
+    with the model's own ``stop_at_layer``. The hook points are looked up once, here."""
+    points = [model.hook_dict[f"blocks.{layer}.attn.hook_z"] for layer in layers]
+
+    def run() -> dict[int, torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+
+        def grab(layer: int):
+            def hook(z: torch.Tensor, hook: Any) -> None:
+                seen[layer] = z.reshape(-1, D_IN)  # (B, T, H, D) -> (B*T, H*D)
+
+            return hook
+
+        for layer, point in zip(layers, points, strict=True):
+            point.add_hook(grab(layer))
+        try:
+            model(tokens, return_type=None, stop_at_layer=max(layers) + 1)
+        finally:
+            for point in points:
+                point.remove_hooks()
+        return seen
+
+    return lambda: _check(run(), layers)
+
+
+def _check(seen: dict[int, torch.Tensor], layers: list[int]) -> None:
+    if sorted(seen) != sorted(layers) or seen[layers[0]].shape != (n_tokens, D_IN):
+        raise RuntimeError(f"plain capture saw layers {sorted(seen)}, wanted {layers}")
+
+
+def store_pass(model: Any, layers: list[int]) -> Callable[[], None]:
     store = sla.AttnActivationStore(model, layers, [tokens], convention="included")
 
     def run() -> None:
@@ -115,7 +223,7 @@ def store_pass(model: object, layers: list[int]) -> Callable[[], None]:
     return run
 
 
-def per_layer_passes(model: object) -> Callable[[], None]:
+def per_layer_passes(model: Any) -> Callable[[], None]:
     stores = [
         sla.AttnActivationStore(model, [layer], [tokens], convention="included")
         for layer in all_layers
@@ -128,52 +236,122 @@ def per_layer_passes(model: object) -> Callable[[], None]:
     return run
 
 
-contenders: dict[str, Callable[[], None]] = {
-    "plain HF forward, 12 layers": lambda: plain_forward(all_layers),
-    "nnsight store, 12 layers": store_pass(hf, all_layers),
-    "TransformerLens store, 12 layers": store_pass(tl, all_layers),
-    "plain HF forward, layer 5": lambda: plain_forward([5]),
-    "nnsight store, layer 5": store_pass(hf, [5]),
-    "nnsight store, 12 single-layer passes": per_layer_passes(hf),
-    "TransformerLens store, 12 single-layer passes": per_layer_passes(tl),
+def contenders(
+    model: Any, plain: Callable[[list[int]], Callable[[], None]]
+) -> dict[str, Callable[[], None]]:
+    print(
+        f"  {type(model).__name__}: the store runs on the {sla.backend_for(model).name!r} backend"
+    )
+    return {
+        "plain, 12 layers": plain(all_layers),
+        "store, 12 layers": store_pass(model, all_layers),
+        f"plain, layer {SINGLE}": plain([SINGLE]),
+        f"store, layer {SINGLE}": store_pass(model, [SINGLE]),
+        "store, 12 single-layer passes": per_layer_passes(model),
+    }
+
+
+print("contenders:")
+backends: dict[str, dict[str, Callable[[], None]]] = {
+    "HookedTransformer": contenders(tl, lambda layers: plain_hook_z(tl, layers)),
 }
-times: dict[str, list[float]] = {name: [] for name in contenders}
-for fn in contenders.values():  # warm-up
-    fn()
-for _ in range(args.repeats):
-    for name, fn in contenders.items():
-        start = time.perf_counter()
+if bridge is not None:
+    backends["TransformerBridge"] = contenders(bridge, lambda layers: plain_hook_z(bridge, layers))
+backends["nnsight (HF GPT2LMHeadModel)"] = contenders(hf, plain_hf)
+
+load_before = os.getloadavg()
+times: dict[str, dict[str, list[float]]] = {b: {c: [] for c in cs} for b, cs in backends.items()}
+for fns in backends.values():  # warm-up
+    for fn in fns.values():
         fn()
-        times[name].append(time.perf_counter() - start)
-median = {name: statistics.median(ts) for name, ts in times.items()}
-
-print(
-    f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-)
-print(
-    f"model: GPT-2 shape {shape}, batch {args.batch} x {args.ctx} tokens, median of {args.repeats}"
-)
-for name, seconds in median.items():
-    print(f"  {name:<48} {n_tokens / seconds:>10.0f} tokens/s   ({seconds * 1e3:.0f} ms)")
-
-
-def ratio(slow: str, fast: str) -> float:
-    return median[slow] / median[fast]
+print("warm-up done", file=sys.stderr, flush=True)
+names = list(backends)
+for round_ in range(args.repeats):
+    for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+        items = list(backends[name].items())
+        for contender, fn in items if round_ % 2 == 0 else items[::-1]:
+            start = time.perf_counter()
+            fn()
+            times[name][contender].append(time.perf_counter() - start)
+    print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+load_after = os.getloadavg()
 
 
-print("ratios (>1 means the second is faster):")
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def installed(package: str) -> str:
+    try:
+        return version(package)
+    except Exception:
+        return "absent"
+
+
+def per_round_ratio(name: str, slow: str, fast: str) -> float:
+    """Median over rounds of time(slow) / time(fast): > 1 means ``fast`` is faster."""
+    pairs = zip(times[name][slow], times[name][fast], strict=True)
+    return statistics.median(s / f for s, f in pairs)
+
+
+def tokens_per_s(name: str, contender: str) -> float:
+    return n_tokens / statistics.median(times[name][contender])
+
+
 print(
-    f"  nnsight store / plain forward, 12 layers:        {ratio('plain HF forward, 12 layers', 'nnsight store, 12 layers'):.2f}x  (target >= 0.85)"
+    f"\n{datetime.date.today()}; machine: {os.cpu_count()} CPUs ({cpu_model()}, "
+    f"{platform.machine()}), {torch.get_num_threads()} torch threads"
 )
 print(
-    f"  nnsight store / plain forward, layer 5:          {ratio('plain HF forward, layer 5', 'nnsight store, layer 5'):.2f}x"
+    "stack: "
+    + ", ".join(
+        f"{p} {installed(p)}"
+        for p in ("torch", "transformer-lens", "transformers", "nnsight", "sae-lens")
+    )
 )
 print(
-    f"  TransformerLens store / plain forward, 12 layers: {ratio('plain HF forward, 12 layers', 'TransformerLens store, 12 layers'):.2f}x"
+    f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after: other "
+    "processes may be running; figures are comparable within this run only"
 )
 print(
-    f"  nnsight: one pass vs 12 single-layer passes:      {ratio('nnsight store, 12 single-layer passes', 'nnsight store, 12 layers'):.2f}x  (target >= 6)"
+    f"model: GPT-2 shape {shape}, batch {args.batch} x {args.ctx} = {n_tokens} tokens, "
+    f"median of {args.repeats} interleaved rounds\n"
 )
+print("tokens/s of flattened hook_z:")
+for name, contender_times in times.items():
+    print(f"  {name}")
+    for contender in contender_times:
+        seconds = statistics.median(contender_times[contender])
+        print(
+            f"    {contender:<32} {tokens_per_s(name, contender):>10.0f} tokens/s"
+            f"   ({seconds * 1e3:.0f} ms)"
+        )
+
 print(
-    f"  TransformerLens: one pass vs 12 single-layer:     {ratio('TransformerLens store, 12 single-layer passes', 'TransformerLens store, 12 layers'):.2f}x  (target >= 6)"
+    "\n| backend | plain, 12 layers (tok/s) | store, 12 layers (tok/s) | store / plain, 12 layers "
+    f"(≥ 0.95) | store / plain, layer {SINGLE} | one pass vs 12 single-layer passes (≥ 6) |"
 )
+print("|---|---|---|---|---|---|")
+for name in backends:
+    vs_plain = per_round_ratio(name, "plain, 12 layers", "store, 12 layers")
+    vs_plain_single = per_round_ratio(name, f"plain, layer {SINGLE}", f"store, layer {SINGLE}")
+    one_pass = per_round_ratio(name, "store, 12 single-layer passes", "store, 12 layers")
+    print(
+        f"| {name} | {tokens_per_s(name, 'plain, 12 layers'):.0f} "
+        f"| {tokens_per_s(name, 'store, 12 layers'):.0f} "
+        f"| {vs_plain:.2f}× {'✓' if vs_plain >= 0.95 else '✗'} "
+        f"| {vs_plain_single:.2f}× "
+        f"| {one_pass:.2f}× {'✓' if one_pass >= 6 else '✗'} |"
+    )
+if bridge is None:
+    print(f"| TransformerBridge | skipped: {bridge_skipped} | | | | |")
+print(f"nnsight's HF model runs {hf.config._attn_implementation!r} attention")
+if args.smoke:
+    print("smoke shapes: fixed per-pass overheads dominate; the targets apply at full size")

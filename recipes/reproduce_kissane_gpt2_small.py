@@ -12,14 +12,24 @@ What it does, top to bottom:
   * trains one standard (ReLU + L1) attention SAE per layer with one SAELens ``SAETrainer`` each,
     stepped in lockstep with ``trainer.step(batch)``: lr 1.2e-3, Adam betas (0.9, 0.99), batches of
     4096 tokens, 24576 features (49152 for layers 5 and 7);
-  * every ``--resample-every`` steps (``--num-resamples`` times) resamples the features that did not
-    fire for ``--dead-window`` steps with ``sla.resample_dead_features`` (their
-    ``re_init_every=25000``, ``num_resamples=4``, ``anthropic_resample_last=12500``, scale 0.2);
-  * saves each SAE SAELens-native in ``--out/blocks.L.attn.hook_z`` and loads it back.
+  * resamples dead features on Kissane et al.'s schedule (their ``train.py`` and published
+    ``_cfg.json``: ``re_init_every=25000``, ``num_resamples=4``, ``anthropic_resample_last=12500``):
+    after steps 25k, 50k, 75k and 100k, every feature whose firing frequency over the last 12,500
+    steps is at or below the layer's ``dead_direction_cutoff`` (``PAPER_DEAD_DIRECTION_CUTOFF``;
+    read from the published ``_cfg.json`` when it is downloaded) gets a new direction from
+    ``sla.resample_dead_features`` (Anthropic's scheme with ``x − b_dec``, scale 0.2, Adam state
+    reset) drawn from 100 fresh batches;
+  * runs their learning-rate schedule (``sched_type="cosine_warmup"``, ``sched_epochs=1000``,
+    ``sched_lr_factor=0.1``): a cosine warm-up from 0.1 × lr to lr over 1000 steps at the start and
+    after every resampling that changed a layer, lr constant otherwise (``ResampleWarmupLR``
+    replaces the trainer's scheduler);
+  * saves each SAE SAELens-native in ``--out/blocks.L.attn.hook_z`` and loads it back, and writes
+    ``--out/training_log.json``: the cutoffs, the schedule, every resampling (step, layer,
+    features resampled) and each layer's learning rate at every step where it changed.
 
-Not reproduced exactly: Kissane et al. kept decoder rows at unit norm and used a cosine
-learning-rate schedule with warm-up after each resampling; SAELens's standard SAE instead weights the
-L1 penalty by the decoder-row norms and this recipe keeps the learning rate constant.
+Not reproduced exactly: Kissane et al. kept decoder rows at unit norm (projecting their gradients)
+and did not clip gradients; SAELens's standard SAE instead weights the L1 penalty by the
+decoder-row norms, and its trainer clips the gradient norm at 1.
 
 Data and hardware:
   * full run: GPT-2 Small and the published configs from the Hugging Face Hub, OpenWebText streamed
@@ -29,9 +39,10 @@ Data and hardware:
     ``--layers`` and ``--training-tokens`` to do less.
   * ``--smoke``: the same code path on a 2-layer TransformerLens model built from a config
     (random weights), a byte-level BPE tokenizer trained on the spot, and ~12k tokens of the
-    Python standard library's source; fixed ``--l1-coeff``; a dead-feature window short enough
-    that resampling triggers. No network; on 2 busy CPU cores about 12 s wall (measured; most of
-    it is importing the libraries). The SAEs it writes are not meaningful.
+    Python standard library's source; fixed ``--l1-coeff``; the published cutoffs of layers 0 and 1
+    (1e-6), resampling after steps 10 and 20 over 5-step windows, 5-step warm-ups. No network;
+    on busy CPU cores about 20 s wall (measured; 2 s of it training, the rest importing the
+    libraries). The SAEs it writes are not meaningful.
 
 Run:
     python recipes/reproduce_kissane_gpt2_small.py --smoke --out out/kissane-smoke
@@ -67,6 +78,16 @@ import sae_lens_attn as sla
 PAPER_RELEASE = "gpt2-small-attn-z"  # Kissane et al.'s files, as registered by sae_lens_attn
 PAPER_DICT_SIZE = {5: 49152, 7: 49152}  # every other layer: 24576
 PAPER_ADAM_BETAS = (0.9, 0.99)
+PAPER_DEAD_DIRECTION_CUTOFF = {
+    0: 1e-6, 1: 1e-6, 2: 1e-6, 3: 1e-6, 4: 1e-6, 5: 1e-6,
+    6: 1e-6, 7: 1e-6, 8: 1e-5, 9: 1e-6, 10: 1e-5, 11: 3.16e-6,
+}  # fmt: skip
+"""Each layer's ``dead_direction_cutoff``, as the published file names record it: Kissane et al.'s
+checkpoint names carry ``_dc{dead_direction_cutoff:.2e}`` (``get_checkpoint_name`` in their
+``common/torch_modules/autoencoder.py``), and the ``gpt2-small-attn-z`` release (the files of
+SAELens's ``gpt2-small-hook-z-kk``) lists them, e.g. ``..._L8_..._dc1.00e-05_...``. Layer 11's
+3.16e-06 is rounded to three digits by that format; the exact value comes from its ``_cfg.json``
+whenever the config is downloaded (without ``--l1-coeff``)."""
 
 parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,6 +119,13 @@ parser.add_argument(
     "(default: read from Kissane et al.'s <name>_cfg.json; --smoke: 3.0)",
 )
 parser.add_argument(
+    "--dead-cutoff",
+    type=float,
+    default=None,
+    help="firing frequency at or below which a feature is resampled, for every layer (default: "
+    "each layer's published dead_direction_cutoff, 1e-6 to 1e-5)",
+)
+parser.add_argument(
     "--training-tokens",
     type=int,
     default=2_000_000_000,
@@ -127,10 +155,24 @@ parser.add_argument(
     "--num-resamples", type=int, default=4, help="number of resamplings (paper: 4; --smoke: 2)"
 )
 parser.add_argument(
-    "--dead-window",
+    "--resample-window",
     type=int,
     default=12_500,
-    help="a feature that has not fired for this many steps is dead (paper: 12500; --smoke: 4)",
+    help="firing frequencies are counted over this many steps before each resampling "
+    "(paper: anthropic_resample_last=12500; --smoke: 5)",
+)
+parser.add_argument(
+    "--warmup-steps",
+    type=int,
+    default=1_000,
+    help="cosine learning-rate warm-up at the start and after each resampling "
+    "(paper: sched_epochs=1000; --smoke: 5)",
+)
+parser.add_argument(
+    "--warmup-start",
+    type=float,
+    default=0.1,
+    help="learning rate at the start of a warm-up, as a fraction of --lr (paper: 0.1)",
 )
 parser.add_argument(
     "--resample-batches",
@@ -163,12 +205,20 @@ if args.smoke:  # smoke-sized defaults; options given explicitly still win
         buffer_tokens=1024,
         resample_every=10,
         num_resamples=2,
-        dead_window=4,
+        resample_window=5,
+        warmup_steps=5,
         resample_batches=4,
         l1_coeff=3.0,
         device="cpu",
     )
     args = parser.parse_args()
+schedule = sla.ResampleSchedule(
+    every=args.resample_every,
+    count=args.num_resamples,
+    window=args.resample_window,
+    warmup_steps=args.warmup_steps,
+    warmup_start=args.warmup_start,
+)
 started = time.perf_counter()
 if args.smoke:
     torch.set_num_threads(1)  # tiny matrices gain nothing from threads on a busy machine
@@ -262,16 +312,29 @@ def published_config(layer: int) -> dict[str, Any]:
 
 l1_coeffs: dict[int, float] = {}
 dict_sizes: dict[int, int] = {}
+cutoffs: dict[int, float] = {}
 for layer in layers:
     if args.l1_coeff is not None:
         l1_coeffs[layer] = args.l1_coeff
         dict_sizes[layer] = (
             4 * model.cfg.d_model if args.smoke else PAPER_DICT_SIZE.get(layer, 24576)
         )
+        if args.dead_cutoff is None and layer not in PAPER_DEAD_DIRECTION_CUTOFF:
+            parser.error(
+                f"layer {layer} has no published dead_direction_cutoff (layers "
+                f"{sorted(PAPER_DEAD_DIRECTION_CUTOFF)} do); pass --dead-cutoff"
+            )
+        cutoffs[layer] = PAPER_DEAD_DIRECTION_CUTOFF.get(layer, 0.0)
     else:
         published = published_config(layer)
         l1_coeffs[layer], dict_sizes[layer] = float(published["l1_coeff"]), published["dict_size"]
-    print(f"layer {layer}: l1_coeff {l1_coeffs[layer]}, dictionary {dict_sizes[layer]}")
+        cutoffs[layer] = float(published["dead_direction_cutoff"])
+    if args.dead_cutoff is not None:
+        cutoffs[layer] = args.dead_cutoff
+    print(
+        f"layer {layer}: l1_coeff {l1_coeffs[layer]}, dictionary {dict_sizes[layer]}, "
+        f"dead_direction_cutoff {cutoffs[layer]:.3g}"
+    )
 
 # --- one activation stream, one SAELens trainer per layer -------------------------------------
 store = sla.AttnActivationStore(
@@ -292,11 +355,13 @@ trainer_cfg = SAETrainerConfig(
     lr_end=args.lr,
     adam_beta1=PAPER_ADAM_BETAS[0],
     adam_beta2=PAPER_ADAM_BETAS[1],
-    dead_feature_window=args.dead_window,
+    dead_feature_window=args.resample_window,
     feature_sampling_window=args.resample_every,
     device=args.device,
 )
 sae_trainers: dict[str, SAETrainer[Any, Any]] = {}
+schedulers: dict[str, sla.ResampleWarmupLR] = {}
+layer_of: dict[str, int] = {}
 for layer in layers:
     cfg = sla.attn_sae_training_config(
         model,
@@ -312,33 +377,66 @@ for layer in layers:
     cfg.metadata.dataset_path = "python-stdlib" if args.smoke else args.dataset
     sae = get_sae_training_class(cfg.architecture())[0](cfg).to(args.device)
     hook_name = sla.AttnSite.from_model(model, layer).hook_name
-    sae_trainers[hook_name] = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
+    trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(()))
+    # their schedule instead of SAELens's: warm up at the start and after each resampling
+    schedulers[hook_name] = sla.ResampleWarmupLR(
+        trainer.optimizer, warmup_steps=schedule.warmup_steps, start=schedule.warmup_start
+    )
+    trainer.lr_scheduler = schedulers[hook_name]
+    sae_trainers[hook_name] = trainer
+    layer_of[hook_name] = layer
 
+# firings per feature and tokens seen in the current frequency window (integers: a window of the
+# paper holds 51.2M tokens, past float32's exact range)
+fired = {
+    hook: torch.zeros(t.sae.cfg.d_sae, dtype=torch.long, device=args.device)
+    for hook, t in sae_trainers.items()
+}
+counted = dict.fromkeys(sae_trainers, 0)
+lr_log: dict[str, list[tuple[int, float]]] = {hook: [] for hook in sae_trainers}
+resample_log: list[dict[str, Any]] = []
 generator = torch.Generator().manual_seed(args.seed)
 n_steps = args.training_tokens // args.batch_size
-resamples_done = 0
 for step in tqdm(range(1, n_steps + 1), desc=f"training {len(layers)} attention SAEs"):
     batch = next(store)
     for hook_name, trainer in sae_trainers.items():
+        lr = trainer.optimizer.param_groups[0]["lr"]  # the lr this step uses
+        if not lr_log[hook_name] or lr_log[hook_name][-1][1] != lr:
+            lr_log[hook_name].append((step, lr))
         trainer.maybe_reset_sparsity()
-        trainer.step(batch[hook_name])
+        output = trainer.step(batch[hook_name])
         trainer.n_training_steps += 1
-    if step % args.resample_every == 0 and resamples_done < args.num_resamples:
+        fired[hook_name] += (output.feature_acts != 0).sum(0)
+        counted[hook_name] += output.feature_acts.shape[0]
+    if schedule.is_resample_step(step):
         pool = [next(store) for _ in range(args.resample_batches)]
         for hook_name, trainer in sae_trainers.items():
-            dead = trainer.dead_neurons
-            inputs = torch.cat([b[hook_name].cpu() for b in pool])
-            n_dead = sla.resample_dead_features(
-                trainer.sae,
-                inputs,
-                dead,
-                trainer.optimizer,
-                encoder_scale=args.encoder_scale,
-                generator=generator,
+            cutoff = cutoffs[layer_of[hook_name]]
+            frequency = fired[hook_name].double() / counted[hook_name]
+            dead = sla.select_dead_features(frequency, cutoff)
+            n_dead = 0
+            if bool(dead.any()):
+                n_dead = sla.resample_dead_features(
+                    trainer.sae,
+                    torch.cat([b[hook_name].cpu() for b in pool]),
+                    dead,
+                    trainer.optimizer,
+                    encoder_scale=args.encoder_scale,
+                    generator=generator,
+                )
+                schedulers[hook_name].restart()  # as theirs: warm up only if something changed
+            resample_log.append(
+                {"step": step, "hook_name": hook_name, "cutoff": cutoff,
+                 "window_tokens": counted[hook_name], "resampled": n_dead}
+            )  # fmt: skip
+            print(
+                f"step {step}: {hook_name}: resampled {n_dead} dead features (frequency <= "
+                f"{cutoff:.3g} over the last {counted[hook_name]} tokens)"
             )
-            trainer.n_forward_passes_since_fired[dead] = 0  # a fresh window for the new features
-            print(f"step {step}: {hook_name}: resampled {n_dead} dead features")
-        resamples_done += 1
+    if schedule.starts_window(step):
+        for hook_name in sae_trainers:
+            fired[hook_name].zero_()
+            counted[hook_name] = 0
 
 # --- save SAELens-native, load back with plain SAELens -----------------------------------------
 for hook_name, trainer in sae_trainers.items():
@@ -351,4 +449,19 @@ for hook_name, trainer in sae_trainers.items():
     )
     sae = SAE.load_from_disk(folder)
     print(f"saved {sla.AttnSite.from_sae(sae)} (d_sae {sae.cfg.d_sae}) -> {folder}")
+log = {
+    "lr": args.lr,
+    "steps": n_steps,
+    "schedule": {
+        "resample_steps": list(schedule.resample_steps),
+        "window": schedule.window,
+        "warmup_steps": schedule.warmup_steps,
+        "warmup_start": schedule.warmup_start,
+    },
+    "dead_direction_cutoff": {hook: cutoffs[layer_of[hook]] for hook in sae_trainers},
+    "resamplings": resample_log,
+    "lr_changes": {hook: [list(change) for change in changes] for hook, changes in lr_log.items()},
+}
+(args.out / "training_log.json").write_text(json.dumps(log, indent=1), encoding="utf-8")
+print(f"wrote {args.out / 'training_log.json'}")
 print(f"done in {time.perf_counter() - started:.1f} s")

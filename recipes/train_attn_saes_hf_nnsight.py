@@ -46,7 +46,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -142,7 +141,7 @@ if args.smoke:
         pad_token="<|endoftext|>",
     )
     torch.manual_seed(0)
-    hf_model: Any = LlamaForCausalLM(
+    hf_model: Any = AutoModelForCausalLM.from_config(
         LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=64,
@@ -153,8 +152,8 @@ if args.smoke:
             max_position_embeddings=args.context_size,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            attn_implementation=args.attn_implementation,
-        )
+        ),
+        attn_implementation=args.attn_implementation,
     )
     model_name = "smoke-llama-2l"
     rows = sla.TokenBatches.from_texts(

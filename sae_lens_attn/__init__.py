@@ -26,7 +26,13 @@ from sae_lens_attn.pretrained import (
     unregister_release,
 )
 from sae_lens_attn.registration import register_training_classes
-from sae_lens_attn.resampling import resample_dead_features
+from sae_lens_attn.resampling import (
+    ResampleSchedule,
+    ResampleWarmupLR,
+    cosine_warmup_factor,
+    resample_dead_features,
+    select_dead_features,
+)
 from sae_lens_attn.sae_config import (
     AttnBatchTopKTrainingSAEConfig,
     AttnJumpReLUTrainingSAEConfig,
@@ -60,6 +66,8 @@ __all__ = [
     "PublishResult",
     "Release",
     "ReleaseSAE",
+    "ResampleSchedule",
+    "ResampleWarmupLR",
     "SAEMetrics",
     "TokenBatches",
     "TransformerLensBackend",
@@ -68,6 +76,7 @@ __all__ = [
     "analysis",
     "attn_sae_training_config",
     "backend_for",
+    "cosine_warmup_factor",
     "evaluate",
     "get_release",
     "hooked",
@@ -75,6 +84,7 @@ __all__ = [
     "publish",
     "register_release",
     "resample_dead_features",
+    "select_dead_features",
     "train_attn_saes",
     "unregister_release",
 ]

@@ -23,8 +23,9 @@ COLUMNS = (
     ("layer", "layer", "{}"),
     ("sae", "SAE", "{}"),
     ("l0", "L0", "{:.2f}"),
-    ("loss_recovered_zero", "loss rec. (zero)", "{:.3f}"),
-    ("loss_recovered_mean", "loss rec. (mean)", "{:.3f}"),
+    ("loss_recovered_paper", "loss recovered (paper: all positions)", "{:.3f}"),
+    ("loss_recovered_saelens", "loss recovered (SAELens: special tokens excluded)", "{:.3f}"),
+    ("loss_recovered_mean", "loss recovered (mean ablation, special tokens excluded)", "{:.3f}"),
     ("dead_pct", "dead %", "{:.1f}"),
     ("explained_variance", "expl. var.", "{:.3f}"),
     ("mse", "MSE", "{:.4g}"),
@@ -36,6 +37,15 @@ COLUMNS = (
     ("kl", "KL", "{:.4f}"),
 )
 """Table columns: key in a row, header, format."""
+
+TABLE_NOTE = (
+    "Loss recovered = (CE_zero − CE_SAE) / (CE_zero − CE_clean), z zero-ablated at every position. "
+    "paper: the SAE spliced at every position and every prediction counted, BOS included, as in "
+    "Kissane et al.; SAELens: the SAE spliced and predictions counted only at positions that are "
+    "not special tokens (BOS, EOS, padding), as SAELens's run_evals (ce_loss_score). "
+    "The CE, ΔCE and KL columns count the SAELens positions."
+)
+"""Printed under the table: what the loss-recovered columns measure."""
 
 
 def add_parser(commands: Any) -> None:
@@ -83,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     rows.sort(key=lambda row: row["layer"])
     print(markdown_table(rows))
+    print(f"\n{TABLE_NOTE}")
     if out is not None:
         _write(rows, out, title=args.release or "SAEs")
         print(f"wrote evaluation.json, per_layer.png, per_layer.html to {out}")
@@ -159,7 +170,10 @@ def _write(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
         (tmp / "evaluation.json").write_text(json.dumps(rows, indent=1))
         layer_metrics_png(rows, tmp / "per_layer.png", title=title)
         (tmp / "per_layer.html").write_text(
-            html_page(title, [html_table(rows), layer_metrics_html(rows)])
+            html_page(
+                title,
+                [html_table(rows), f"<p>{html.escape(TABLE_NOTE)}</p>", layer_metrics_html(rows)],
+            )
         )
         if out.exists():
             shutil.rmtree(out)

@@ -7,16 +7,28 @@ Definitions (DESIGN.md; SAELens's ``run_evals`` where it measures the same thing
   features never non-zero at any counted position.
 - ``mse``: mean over counted positions of ``‖z − ẑ‖²`` (summed over the ``n_heads*d_head``
   dimensions); ``explained_variance``: ``1 − mse / (E‖z‖² − ‖E z‖²)``, z in the SAE's convention.
-- CE: mean next-token loss of the predictions made at counted positions whose target is a real
-  token. ``ce_sae`` splices the reconstruction at every counted position (other positions keep
-  their z, as in ``run_evals``). ``ce_zero_ablation`` sets z to zero at every position *in the
-  SAE's value-bias convention*: for a ``"folded"`` SAE the layer then writes
-  ``b_O + Σ_h b_V,h W_O,h`` (what zero-ablating hook_z does on a TransformerLens model with
-  folded value biases, as in Kissane et al.), for an ``"included"`` SAE just ``b_O``.
+- Loss recovered, ``(CE_abl − CE_sae) / (CE_abl − CE_clean)`` (NaN when the ablation does not
+  change the loss), in two variants that count different positions:
+
+  - ``loss_recovered_paper``, as Kissane et al. compute it (``get_recons_loss`` in
+    ``ckkissane/attention-output-saes``, ``common/utils.py``): the reconstruction spliced at
+    *every* position, BOS included; CE the mean next-token loss over every prediction
+    (TransformerLens's ``return_type="loss"``), here every one whose target is a real token.
+  - ``loss_recovered_saelens``, as SAELens's ``run_evals`` computes its ``ce_loss_score``
+    (``get_recons_loss`` in ``sae_lens/evals.py``): the reconstruction spliced only at counted
+    positions (other positions keep their z); CE over the predictions *made at* counted
+    positions (special tokens excluded: BOS, EOS, padding, separator ids by default).
+
+  In both, ``CE_abl`` zero-ablates z at every position *in the SAE's value-bias convention*:
+  for a ``"folded"`` SAE the layer then writes ``b_O + Σ_h b_V,h W_O,h`` (what zero-ablating
+  hook_z does on a TransformerLens ``from_pretrained`` model, as in Kissane et al.), for an
+  ``"included"`` SAE just ``b_O``. The two variants coincide when no position is excluded.
+  ``ce_clean_paper``, ``ce_sae_paper``, ``ce_zero_ablation_paper`` are the paper variant's CEs.
+- ``ce_clean``, ``ce_sae``, ``ce_zero_ablation``, ``ce_mean_ablation``,
+  ``loss_recovered_{zero,mean}``, ``delta_ce`` (``CE_sae − CE_clean``) and ``kl`` count the
+  SAELens positions by default, the paper's with ``exclude_from_loss=False``;
   ``ce_mean_ablation`` sets z at every position to the mean z over the counted positions.
-- ``loss_recovered_{zero,mean}``: ``(CE_abl − CE_sae) / (CE_abl − CE_clean)`` (NaN when the
-  ablation does not change the loss); ``delta_ce``: ``CE_sae − CE_clean``.
-- ``kl``: mean over counted positions of KL(clean ‖ with SAE) of the next-token distributions.
+- ``kl``: mean over those positions of KL(clean ‖ with SAE) of the next-token distributions.
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ METRIC_NAMES = (
     "dead_fraction",
     "explained_variance",
     "mse",
+    "loss_recovered_paper",
+    "loss_recovered_saelens",
     "ce_clean",
     "ce_sae",
     "ce_zero_ablation",
@@ -51,12 +65,19 @@ METRIC_NAMES = (
     "loss_recovered_mean",
     "delta_ce",
     "kl",
+    "ce_clean_paper",
+    "ce_sae_paper",
+    "ce_zero_ablation_paper",
     "n_tokens",
     "n_predictions",
+    "n_predictions_paper",
 )
 """The keys of an ``Evaluation`` seen as a mapping, in table order."""
 
 Batch = Int[Tensor, " batch ctx"] | tuple[Int[Tensor, " batch ctx"], Int[Tensor, " batch ctx"]]
+
+_PAPER, _SAELENS = "paper", "saelens"
+"""The two ways of counting positions in the losses (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -71,26 +92,44 @@ class Evaluation(Mapping[str, float]):
     """``1 − mse / Var(z)`` (SAELens's definition)."""
     mse: float
     """Mean squared reconstruction error per position, summed over dimensions."""
+    loss_recovered_paper: float
+    """Kissane et al.'s loss recovered: zero ablation, the reconstruction spliced at every
+    position and every prediction counted (BOS included); NaN when ablation changes nothing."""
+    loss_recovered_saelens: float
+    """SAELens's ``run_evals`` ``ce_loss_score``: zero ablation, the reconstruction spliced and
+    predictions counted at non-excluded positions only (special tokens excluded)."""
     ce_clean: float
-    """Cross-entropy of the unmodified model."""
+    """Cross-entropy of the unmodified model (SAELens positions unless
+    ``exclude_from_loss=False``)."""
     ce_sae: float
-    """Cross-entropy with the SAE reconstruction spliced in."""
+    """Cross-entropy with the SAE reconstruction spliced in (same positions as ``ce_clean``)."""
     ce_zero_ablation: float
     """Cross-entropy with z zeroed (in the SAE's value-bias convention)."""
     ce_mean_ablation: float
     """Cross-entropy with z replaced by its mean over the counted positions."""
     loss_recovered_zero: float
-    """``(CE_zero − CE_sae) / (CE_zero − CE_clean)``; NaN when zero ablation changes nothing."""
+    """``(CE_zero − CE_sae) / (CE_zero − CE_clean)`` of the CEs above (by default equal to
+    ``loss_recovered_saelens``, with ``exclude_from_loss=False`` to ``loss_recovered_paper``)."""
     loss_recovered_mean: float
     """``(CE_mean − CE_sae) / (CE_mean − CE_clean)``; NaN when mean ablation changes nothing."""
     delta_ce: float
     """``CE_sae − CE_clean``."""
     kl: float
-    """Mean KL(clean ‖ with SAE) of the next-token distributions over counted positions."""
+    """Mean KL(clean ‖ with SAE) of the next-token distributions, at the positions of
+    ``ce_clean``."""
+    ce_clean_paper: float
+    """Cross-entropy of the unmodified model over every prediction (the paper's positions)."""
+    ce_sae_paper: float
+    """Cross-entropy with the reconstruction spliced at every position, every prediction."""
+    ce_zero_ablation_paper: float
+    """Cross-entropy with z zeroed at every position, every prediction."""
     n_tokens: int
     """Counted positions."""
     n_predictions: int
-    """Predictions the cross-entropies average over."""
+    """Predictions ``ce_clean``, ``ce_sae``, ``ce_zero_ablation`` and ``ce_mean_ablation``
+    average over."""
+    n_predictions_paper: int
+    """Predictions the paper variant averages over: every one whose target is a real token."""
     feature_density: Float[Tensor, " d_sae"]
     """Share of counted positions at which each feature is active."""
     hook_name: str
@@ -124,14 +163,17 @@ class _Sums:
     active: float = 0.0
     sq: float = 0.0
     residual: float = 0.0
-    n_predictions: int = 0
     kl: float = 0.0
     n_kl: int = 0
 
     def __post_init__(self) -> None:
         self.sum_z = torch.zeros(self.d_in, dtype=torch.float64)
         self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
-        self.ce: dict[str, float] = dict.fromkeys(("clean", "sae", "zero", "mean"), 0.0)
+        self.ce: dict[str, dict[str, float]] = {
+            positions: dict.fromkeys(("clean", "sae", "zero", "mean"), 0.0)
+            for positions in (_PAPER, _SAELENS)
+        }
+        self.n_predictions: dict[str, int] = dict.fromkeys((_PAPER, _SAELENS), 0)
 
 
 @torch.no_grad()
@@ -165,9 +207,11 @@ def evaluate(
         batch_size: contexts per forward pass.
         exclude_tokens: token ids not counted (default: the tokenizer's BOS, EOS, padding and
             separator ids, as ``run_evals`` excludes them; none without a tokenizer).
-        exclude_from_loss: leave excluded positions out of the loss measurements too (the SAE
-            is not spliced there and their predictions do not count, as in ``run_evals``);
-            with False they leave only l0, dead, variance and MSE.
+        exclude_from_loss: leave excluded positions out of ``ce_*``, ``loss_recovered_zero``,
+            ``loss_recovered_mean``, ``delta_ce`` and ``kl`` too (the SAE is not spliced there
+            and their predictions do not count, as in ``run_evals``); with False those count
+            every position, as the paper does. ``loss_recovered_paper`` and
+            ``loss_recovered_saelens`` (and ``*_paper``) do not depend on it.
         convention: value-bias convention of z (default: the SAE's metadata, else the
             backend's ``native_convention``).
         progress: show a progress bar.
@@ -181,7 +225,7 @@ def evaluate(
 
     Example:
         >>> metrics = sla.evaluate(model, sae, tokens)
-        >>> metrics["l0"], metrics["loss_recovered_zero"]
+        >>> metrics["l0"], metrics["loss_recovered_paper"], metrics["loss_recovered_saelens"]
     """
     backend = backend_for(model)
     site = AttnSite.from_sae(sae, backend)
@@ -216,10 +260,10 @@ def evaluate(
         for tokens, mask in batches:
             tokens, mask = tokens.to(device), mask.to(device)
             counted = mask.bool() & ~torch.isin(tokens, excluded.to(device))
-            at = counted if exclude_from_loss else mask.bool()
-            _losses(backend, sae, site, convention, tokens, mask, at, mean_z, sums)
+            kl_at = _SAELENS if exclude_from_loss else _PAPER
+            _losses(backend, sae, site, convention, tokens, mask, counted, mean_z, kl_at, sums)
             bar.update()
-    return _result(sums, site, convention)
+    return _result(sums, site, convention, _SAELENS if exclude_from_loss else _PAPER)
 
 
 def token_batches(
@@ -355,26 +399,36 @@ def _losses(
     convention: ValueBiasConvention,
     tokens: Tensor,
     mask: Tensor,
-    at: Tensor,
+    counted: Tensor,
     mean_z: Tensor,
+    kl_at: str,
     sums: _Sums,
 ) -> None:
-    """Clean, spliced and ablated losses on one batch; ``at`` marks counted positions."""
+    """Clean, spliced and ablated losses on one batch, counted both ways: at every real position
+    (the paper's) and at ``counted`` positions (SAELens's); KL at the ``kl_at`` ones."""
+    real = mask.bool()
+    where = {_SAELENS: counted, _PAPER: real}
 
-    def reconstruct(z: Tensor) -> Tensor:
-        z_hat = sae.decode(encode_z(sae, z)).reshape(z.shape).to(z.dtype)
-        return torch.where(at[..., None, None], z_hat, z)
+    def reconstruct_at(at: Tensor) -> Any:
+        def replace(z: Tensor) -> Tensor:
+            z_hat = sae.decode(encode_z(sae, z)).reshape(z.shape).to(z.dtype)
+            return torch.where(at[..., None, None], z_hat, z)
+
+        return replace
 
     def mean(z: Tensor) -> Tensor:
         return mean_z.to(z.dtype).reshape(z.shape[-2:]).expand_as(z)
 
+    runs: dict[str, Any] = {
+        "clean": None,
+        f"sae_{_SAELENS}": reconstruct_at(counted),
+        "zero": torch.zeros_like,
+        "mean": mean,
+    }
+    if not torch.equal(counted, real):  # else the SAE splices the same positions both ways
+        runs[f"sae_{_PAPER}"] = reconstruct_at(real)
     logits: dict[str, Tensor] = {}
-    for name, replace in (
-        ("clean", None),
-        ("sae", reconstruct),
-        ("zero", torch.zeros_like),
-        ("mean", mean),
-    ):
+    for name, replace in runs.items():
         if replace is None:
             out = backend.forward(tokens, attention_mask=_or_none(mask))
         else:
@@ -382,42 +436,64 @@ def _losses(
                 out = backend.forward(tokens, attention_mask=_or_none(mask))
         assert out is not None
         logits[name] = out.float()
-    predicts = at[:, :-1] & mask[:, 1:].bool()  # made at a counted position, of a real token
-    targets = tokens[:, 1:][predicts]
-    for name, out in logits.items():
-        sums.ce[name] += F.cross_entropy(out[:, :-1][predicts], targets, reduction="sum").item()
-    sums.n_predictions += int(predicts.sum())
+    logits.setdefault(f"sae_{_PAPER}", logits[f"sae_{_SAELENS}"])
+
+    for positions, at in where.items():
+        predicts = at[:, :-1] & real[:, 1:]  # made at a counted position, of a real token
+        targets = tokens[:, 1:][predicts]
+        for name in ("clean", "sae", "zero", "mean"):
+            out = logits[f"sae_{positions}" if name == "sae" else name]
+            ce = F.cross_entropy(out[:, :-1][predicts], targets, reduction="sum")
+            sums.ce[positions][name] += ce.item()
+        sums.n_predictions[positions] += int(predicts.sum())
+    at = where[kl_at]
     log_clean = logits["clean"][at].log_softmax(-1)
-    log_sae = logits["sae"][at].log_softmax(-1)
+    log_sae = logits[f"sae_{kl_at}"][at].log_softmax(-1)
     sums.kl += (log_clean.exp() * (log_clean - log_sae)).sum().item()
     sums.n_kl += int(at.sum())
 
 
-def _result(sums: _Sums, site: AttnSite, convention: ValueBiasConvention) -> Evaluation:
+def _result(sums: _Sums, site: AttnSite, convention: ValueBiasConvention, main: str) -> Evaluation:
+    """The metrics; ``main`` names the positions of ``ce_*``, ``loss_recovered_{zero,mean}``."""
     n = sums.n_tokens
     mse = sums.residual / n
     variance = sums.sq / n - (sums.sum_z / n).pow(2).sum().item()
     explained = (1.0 if mse < 1e-10 else 0.0) if variance < 1e-10 else 1.0 - mse / variance
-    if sums.n_predictions == 0:
+    if sums.n_predictions[main] == 0:
         raise ValueError(
             "no prediction can be counted: every context has fewer than two countable tokens"
         )
-    ce = {name: total / sums.n_predictions for name, total in sums.ce.items()}
+    ce = {
+        positions: {
+            name: total / sums.n_predictions[positions]
+            if sums.n_predictions[positions]
+            else math.nan
+            for name, total in totals.items()
+        }
+        for positions, totals in sums.ce.items()
+    }
+    paper, saelens, chosen = ce[_PAPER], ce[_SAELENS], ce[main]
     return Evaluation(
         l0=sums.active / n,
         dead_fraction=(sums.fired == 0).double().mean().item(),
         explained_variance=explained,
         mse=mse,
-        ce_clean=ce["clean"],
-        ce_sae=ce["sae"],
-        ce_zero_ablation=ce["zero"],
-        ce_mean_ablation=ce["mean"],
-        loss_recovered_zero=_recovered(ce["zero"], ce["sae"], ce["clean"]),
-        loss_recovered_mean=_recovered(ce["mean"], ce["sae"], ce["clean"]),
-        delta_ce=ce["sae"] - ce["clean"],
+        loss_recovered_paper=_recovered(paper["zero"], paper["sae"], paper["clean"]),
+        loss_recovered_saelens=_recovered(saelens["zero"], saelens["sae"], saelens["clean"]),
+        ce_clean=chosen["clean"],
+        ce_sae=chosen["sae"],
+        ce_zero_ablation=chosen["zero"],
+        ce_mean_ablation=chosen["mean"],
+        loss_recovered_zero=_recovered(chosen["zero"], chosen["sae"], chosen["clean"]),
+        loss_recovered_mean=_recovered(chosen["mean"], chosen["sae"], chosen["clean"]),
+        delta_ce=chosen["sae"] - chosen["clean"],
         kl=sums.kl / sums.n_kl,
+        ce_clean_paper=paper["clean"],
+        ce_sae_paper=paper["sae"],
+        ce_zero_ablation_paper=paper["zero"],
         n_tokens=n,
-        n_predictions=sums.n_predictions,
+        n_predictions=sums.n_predictions[main],
+        n_predictions_paper=sums.n_predictions[_PAPER],
         feature_density=(sums.fired / n).float(),
         hook_name=site.hook_name,
         convention=convention,

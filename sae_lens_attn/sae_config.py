@@ -25,7 +25,13 @@ from sae_lens.registry import get_sae_class
 from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainStepInput, TrainStepOutput
 
 from sae_lens_attn.architectures import HF_ARCHITECTURES
-from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite, ValueBiasConvention
+from sae_lens_attn.site import (
+    VALUE_BIAS_CONVENTIONS,
+    AttnSite,
+    ValueBiasConvention,
+    convention_of_model_kwargs,
+    folded_model_kwargs,
+)
 
 AttnArchitecture = Literal["standard", "topk", "jumprelu", "batchtopk"]
 """Base SAELens architectures with an attention variant; its registered name is ``attn_<base>``."""
@@ -40,8 +46,8 @@ class AttnTrainingFields:
     n_kv_heads: int | None = None
     """Number of key/value heads (grouped-query attention); defaults to ``n_heads``."""
     value_bias_convention: ValueBiasConvention | None = None
-    """Whether the training z carries b_V. ``None``: read it off the runner's model kwargs
-    (``fold_value_biases=True`` means ``"folded"``, else ``"included"``)."""
+    """Whether the training z carries ``b_V + β·W_V``. ``None``: read it off the runner's model
+    kwargs (see ``convention_of_model_kwargs``)."""
     hf_architecture: str | None = None
     """Hugging Face class of the model (e.g. ``GPT2LMHeadModel``), to record the module path."""
     reshape_activations: Literal["none", "hook_z"] = field(default="hook_z")
@@ -104,12 +110,10 @@ class AttnTrainingFields:
         if site is None:
             raise ValueError("cannot save an attention SAE whose metadata has no hook_name")
         kwargs = dict(meta.model_from_pretrained_kwargs or {})
-        convention = self.value_bias_convention or (
-            "folded" if kwargs.get("fold_value_biases") else "included"
-        )
+        convention = self.value_bias_convention or convention_of_model_kwargs(kwargs)
         if convention == "folded":
             # SAELens workflows load models with these kwargs: make them deliver folded z.
-            kwargs.setdefault("fold_value_biases", True)
+            kwargs = folded_model_kwargs(kwargs)
         return {
             "hook_name": site.hook_name,
             "layer": site.layer,

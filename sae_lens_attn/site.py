@@ -12,13 +12,63 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
 ValueBiasConvention = Literal["folded", "included"]
-"""Whether z carries the value bias b_V.
+"""Whether z carries the value bias ``b_V' = b_V + β·W_V`` (β the bias of the attention's norm).
 
-``"folded"``: z has no b_V (TransformerLens ``from_pretrained`` folds it into b_O; the published
-GPT-2 Small attention SAEs use this). ``"included"``: z carries b_V, as in Hugging Face models and
-``from_pretrained_no_processing``. The two differ by exactly b_V per head, since Σ_s A = 1.
+``"folded"``: z has no ``b_V'``, as TransformerLens ``from_pretrained`` delivers it (``fold_ln``
+moves β into ``b_V``, then ``fold_value_biases`` moves ``b_V'`` into b_O; the published GPT-2
+Small attention SAEs use this). ``"included"``: z carries ``b_V'``, as in Hugging Face models and
+``from_pretrained_no_processing``. The two differ by exactly ``b_V'`` per head, since Σ_s A = 1.
 """
 VALUE_BIAS_CONVENTIONS: tuple[str, ...] = get_args(ValueBiasConvention)
+
+FOLDED_MODEL_KWARGS: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": True,
+    "fold_value_biases": True,
+}
+"""``HookedTransformer.from_pretrained``'s default processing spelled out, so that SAELens's
+loaders, which call ``from_pretrained_no_processing(**model_from_pretrained_kwargs)``, deliver z
+in the folded convention (``fold_ln`` and ``fold_value_biases`` set z; the centering keeps the
+rest of the model as the SAEs were trained on)."""
+
+
+def folded_model_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` completed with ``FOLDED_MODEL_KWARGS``, for an SAE in the folded convention.
+
+    Raises:
+        ValueError: ``kwargs`` turns off a processing step that the folded convention needs.
+    """
+    given = dict(kwargs or {})
+    clashes = [k for k in ("fold_ln", "fold_value_biases") if given.get(k, True) is not True]
+    if clashes:
+        raise ValueError(
+            f"model_from_pretrained_kwargs {given} contradict the 'folded' value-bias convention: "
+            f"{', '.join(clashes)} must be true (folded z is what from_pretrained's fold_ln and "
+            "fold_value_biases deliver); record the SAE as 'included' or drop those kwargs"
+        )
+    return {**FOLDED_MODEL_KWARGS, **given}
+
+
+def convention_of_model_kwargs(kwargs: dict[str, Any] | None) -> ValueBiasConvention:
+    """The convention of z in a model loaded by ``from_pretrained_no_processing(**kwargs)``.
+
+    Raises:
+        ValueError: ``fold_value_biases`` without ``fold_ln``: z then lacks ``b_V`` but keeps
+            ``β·W_V`` on LayerNorm models, which is neither convention.
+    """
+    given = dict(kwargs or {})
+    if not given.get("fold_value_biases"):
+        return "included"
+    if not given.get("fold_ln"):
+        raise ValueError(
+            f"model_from_pretrained_kwargs {given} fold the value biases without fold_ln: z then "
+            "keeps the LayerNorm bias term β·W_V, which is neither value-bias convention; add "
+            f"fold_ln=True (the folded convention is {FOLDED_MODEL_KWARGS}) or drop "
+            "fold_value_biases (the included convention)"
+        )
+    return "folded"
+
 
 _HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
 

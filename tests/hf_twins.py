@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import transformers
@@ -48,6 +48,15 @@ _WEIGHT_STD = 0.15
 _NORM_STD = 0.1
 
 
+def _rope(**legacy: Any) -> dict[str, Any]:
+    """Rotary keywords as transformers 4.57 names them (``rope_theta``, ``rotary_pct``, ...).
+
+    transformers 5 still accepts them and moves them into ``config.rope_parameters``, but its
+    typed configs no longer declare them; ``_rope_setting`` reads them back on either version.
+    """
+    return legacy
+
+
 def _gpt2_config() -> transformers.PretrainedConfig:
     return transformers.GPT2Config(
         vocab_size=VOCAB_SIZE,
@@ -72,7 +81,7 @@ def _llama_config() -> transformers.PretrainedConfig:
         num_key_value_heads=2,  # grouped-query attention
         max_position_embeddings=N_CTX,
         rms_norm_eps=1e-6,  # differs from TransformerLens's default 1e-5 on purpose
-        rope_theta=10_000.0,
+        **_rope(rope_theta=10_000.0),
         tie_word_embeddings=False,
         **_SPECIAL_TOKEN_IDS,
     )
@@ -81,12 +90,13 @@ def _llama_config() -> transformers.PretrainedConfig:
 def _neox_config() -> transformers.PretrainedConfig:
     return transformers.GPTNeoXConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
+        # d_model != d_vocab: TransformerLens 3's fold_ln folds ln_final into a square W_U along
+        # the wrong axis.
+        hidden_size=96,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,  # d_head 16
-        rotary_pct=0.25,  # rotary_dim 4 of 16
-        rotary_emb_base=10_000,
+        num_attention_heads=4,  # d_head 24
+        **_rope(rotary_pct=0.25, rotary_emb_base=10_000),  # rotary_dim 6 of 24
         max_position_embeddings=N_CTX,
         layer_norm_eps=1e-5,
         use_parallel_residual=True,
@@ -123,7 +133,7 @@ def _gemma_config() -> transformers.PretrainedConfig:
         num_key_value_heads=1,  # multi-query attention, as in Gemma 2B
         head_dim=16,
         max_position_embeddings=N_CTX,
-        hidden_activation="gelu_pytorch_tanh",
+        hidden_act="gelu_pytorch_tanh",
         **_SPECIAL_TOKEN_IDS,
     )
 
@@ -159,6 +169,149 @@ def _qwen2_config() -> transformers.PretrainedConfig:
     )
 
 
+def _gemma2_softcap_config() -> transformers.PretrainedConfig:
+    # Gemma-2 with a tight attn_logit_softcapping, so that the softcap (applied by eager attention
+    # only in transformers 4.57) changes the patterns a lot: logits reach well past 1.
+    config = _gemma2_config()
+    config.attn_logit_softcapping = 1.0
+    config.query_pre_attn_scalar = 1  # scaling 1 (transformers 5 requires an int here)
+    return config
+
+
+def _gpt_oss_config() -> transformers.PretrainedConfig:
+    return transformers.GptOssConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # attention sinks: one learned logit per head
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=N_CTX,
+        **_rope(rope_scaling={"rope_type": "default"}),  # plain RoPE (5.x takes None as yarn)
+        attention_bias=True,
+        initializer_range=0.0,  # sinks start from HF's init (the global RNG): make it zero
+        tie_word_embeddings=False,
+        **_SPECIAL_TOKEN_IDS,
+    )
+
+
+def _opt_config(*, pre_norm: bool = True) -> transformers.PretrainedConfig:
+    return transformers.OPTConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # d_head 8
+        max_position_embeddings=N_CTX,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=pre_norm,
+        dropout=0.0,
+        enable_bias=True,
+        **_SPECIAL_TOKEN_IDS,
+    )
+
+
+def _opt_post_ln_config() -> transformers.PretrainedConfig:
+    return _opt_config(pre_norm=False)  # as OPT-350m: the norm comes after attention
+
+
+def _stablelm_config() -> transformers.PretrainedConfig:
+    return transformers.StableLmConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # d_head 8, rotary on a quarter of it
+        num_key_value_heads=2,
+        max_position_embeddings=N_CTX,
+        use_qkv_bias=True,
+        **_SPECIAL_TOKEN_IDS,
+    )
+
+
+def _qwen2_moe_config() -> transformers.PretrainedConfig:
+    return transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=N_CTX,
+        **_SPECIAL_TOKEN_IDS,
+    )
+
+
+def _bloom_config() -> transformers.PretrainedConfig:
+    return transformers.BloomConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        n_layer=2,
+        n_head=4,  # d_head 8; ALiBi, no position embeddings
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **_SPECIAL_TOKEN_IDS,
+    )
+
+
+def _deepseek_v3_config() -> transformers.PretrainedConfig:
+    return transformers.DeepseekV3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=6,  # d_head of z (6) differs from the query/key head width (12)
+        max_position_embeddings=N_CTX,
+        **_SPECIAL_TOKEN_IDS,
+    )
+
+
+def _deepseek_v2_config() -> transformers.PretrainedConfig:
+    config = transformers.DeepseekV2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=6,
+        max_position_embeddings=N_CTX,
+        **_SPECIAL_TOKEN_IDS,
+    )
+    cast(Any, config).q_lora_rank = None  # a plain q_proj as in DeepSeek-V2-Lite (typed int)
+    return config
+
+
 _HF_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gpt2": _gpt2_config,
     "llama": _llama_config,
@@ -167,6 +320,15 @@ _HF_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "gemma": _gemma_config,
     "gemma2": _gemma2_config,
     "qwen2": _qwen2_config,
+    "gemma2_softcap": _gemma2_softcap_config,
+    "gpt_oss": _gpt_oss_config,
+    "opt": _opt_config,
+    "opt_post_ln": _opt_post_ln_config,
+    "stablelm": _stablelm_config,
+    "qwen2_moe": _qwen2_moe_config,
+    "bloom": _bloom_config,
+    "deepseek_v3": _deepseek_v3_config,
+    "deepseek_v2": _deepseek_v2_config,
 }
 
 
@@ -215,6 +377,30 @@ def build_hf(
     return model.eval()
 
 
+def _rope_setting(hf: Any, key: str) -> Any:
+    """A rotary setting of an HF config: ``rope_parameters[key]`` in transformers 5, else ``key``.
+
+    transformers 5 moved ``rope_theta`` and ``partial_rotary_factor`` (NeoX's ``rotary_pct``) into
+    ``config.rope_parameters``; transformers 4.57 keeps them as attributes.
+    """
+    parameters = getattr(hf, "rope_parameters", None)
+    if isinstance(parameters, dict) and key in parameters:
+        return parameters[key]
+    return getattr(hf, key)
+
+
+def supports_sdpa(arch: str) -> bool:
+    """Whether the installed transformers builds ``arch`` with ``attn_implementation="sdpa"``.
+
+    transformers 4.57 refuses SDPA for GPT-OSS and BLOOM; transformers 5 also for Gemma-2 (whose
+    SDPA path in 4.57 drops ``attn_logit_softcapping``). ``build_hf`` raises ``ValueError`` there.
+    """
+    if arch not in _HF_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {tuple(_HF_CONFIGS)}")
+    model_class: Any = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(_HF_CONFIGS[arch]())]
+    return bool(model_class._supports_sdpa)
+
+
 def _gpt2_twin_config(hf: Any) -> dict[str, Any]:
     # Mirrors transformer_lens.loading_from_pretrained.convert_hf_model_config("GPT2LMHeadModel").
     return {
@@ -255,14 +441,14 @@ def _llama_twin_config(hf: Any) -> dict[str, Any]:
         "gated_mlp": True,
         "positional_embedding_type": "rotary",
         "rotary_dim": d_head,
-        "rotary_base": hf.rope_theta,
+        "rotary_base": _rope_setting(hf, "rope_theta"),
         "rotary_adjacent_pairs": False,  # HF's rotate_half pairs dim i with i + d/2
     }
 
 
 def _neox_twin_config(hf: Any) -> dict[str, Any]:
     # Mirrors convert_hf_model_config("GPTNeoXForCausalLM"). HF computes the rotary width as
-    # int(d_head * rotary_pct) and TransformerLens as round(...): use int, as HF runs it.
+    # int(d_head * partial_rotary_factor) and TransformerLens as round(...): use int, as HF runs it.
     d_head = hf.hidden_size // hf.num_attention_heads
     return {
         "d_model": hf.hidden_size,
@@ -277,8 +463,8 @@ def _neox_twin_config(hf: Any) -> dict[str, Any]:
         "normalization_type": "LN",
         "parallel_attn_mlp": hf.use_parallel_residual,
         "positional_embedding_type": "rotary",
-        "rotary_dim": int(d_head * hf.rotary_pct),
-        "rotary_base": hf.rotary_emb_base,
+        "rotary_dim": int(d_head * _rope_setting(hf, "partial_rotary_factor")),
+        "rotary_base": _rope_setting(hf, "rope_theta"),
         "rotary_adjacent_pairs": False,
     }
 
@@ -298,17 +484,26 @@ _TWINS: dict[str, _Twin] = {
 
 
 def build_twin(
-    hf_model: transformers.PreTrainedModel, *, fold_value_biases: bool
+    hf_model: transformers.PreTrainedModel,
+    *,
+    fold_value_biases: bool = False,
+    full_processing: bool = False,
 ) -> HookedTransformer:
     """Build a TransformerLens ``HookedTransformer`` with the same weights as ``hf_model``.
 
-    No weight processing happens (no layer-norm folding, centering or attention refactoring), except
-    that ``fold_value_biases=True`` folds ``b_V`` into ``b_O`` as ``from_pretrained`` does.
+    By default no weight processing happens (no layer-norm folding, centering or attention
+    refactoring); ``fold_value_biases=True`` folds ``b_V`` alone into ``b_O``, and
+    ``full_processing=True`` applies ``HookedTransformer.from_pretrained``'s default processing
+    (fold_ln, center_writing_weights, center_unembed, fold_value_biases), the model that Kissane et
+    al.'s SAEs were trained on.
 
     Args:
         hf_model: a model from ``build_hf(arch)`` with ``arch`` in ``ARCHITECTURES_WITH_TWINS``.
         fold_value_biases: ``False`` keeps ``b_V`` in ``z`` (``hook_z`` equals the input of HF's
-            attention output projection); ``True`` moves it into ``b_O`` (``hook_z`` excludes it).
+            attention output projection); ``True`` moves it into ``b_O`` (``hook_z`` excludes it,
+            but still carries the LayerNorm bias term ``β·W_V``).
+        full_processing: ``from_pretrained``'s processing; ``hook_z`` then excludes
+            ``b_V + β·W_V`` (the folded convention) and logits are centred per position.
 
     Returns:
         A float32 twin in eval mode on ``hf_model``'s device, with ``make_tokenizer``'s tokenizer.
@@ -335,10 +530,10 @@ def build_twin(
     model = HookedTransformer(cfg, tokenizer=make_tokenizer(cfg.d_vocab))
     model.load_and_process_state_dict(
         state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=fold_value_biases,
+        fold_ln=full_processing,
+        center_writing_weights=full_processing,
+        center_unembed=full_processing,
+        fold_value_biases=fold_value_biases or full_processing,
         refactor_factored_attn_matrices=False,
     )
     return model.eval()

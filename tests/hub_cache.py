@@ -8,20 +8,22 @@ relative symlink to the blob) and ``refs/main`` (the commit). With ``HF_HUB_OFFL
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
+import huggingface_hub.utils
 import pytest
-from huggingface_hub.utils import reset_sessions
 
 
 def use_hub_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     """Point ``huggingface_hub`` at ``root/hub`` and switch it offline; returns the cache.
 
     The environment is set for subprocesses; the module constants are set too, because
-    ``huggingface_hub`` reads the environment only when it is first imported.
+    ``huggingface_hub`` (and transformers 4) read the environment only when first imported.
     """
     cache = root / "hub"
     cache.mkdir(parents=True, exist_ok=True)
@@ -30,7 +32,14 @@ def use_hub_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    reset_sessions()
+    # transformers 4.x resolves its default cache folder once, at import.
+    transformers_hub = importlib.import_module("transformers.utils.hub")
+    if hasattr(transformers_hub, "TRANSFORMERS_CACHE"):
+        monkeypatch.setattr(transformers_hub, "TRANSFORMERS_CACHE", str(cache))
+    # Drop connections opened before the switch (huggingface_hub 0.x/1.x: reset_sessions; 2.x
+    # makes its client per call and has close_session).
+    hub_utils: Any = huggingface_hub.utils
+    (getattr(hub_utils, "reset_sessions", None) or hub_utils.close_session)()
     return cache
 
 

@@ -23,6 +23,7 @@ from sae_lens_attn import AttnSite, backend_for
 from sae_lens_attn.analysis.dfa import encode_z
 
 from .hf_twins import PAD_ID, VOCAB_SIZE, build_hf
+from .test_dfa_sae_flags import sae_lens_encode
 
 SAE_CLASSES: dict[str, tuple[type[SAE[Any]], type[Any], dict[str, Any]]] = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
@@ -75,12 +76,11 @@ def test_dfa_sums_to_the_pre_activation(any_backend_model, architecture, convent
         result.by_src.sum(2) + result.bias, result.pre_act, atol=1e-4, rtol=1e-4
     )
     torch.testing.assert_close(result.by_head.sum(2), result.by_src.sum(2), atol=1e-4, rtol=1e-4)
-    # pre_act is the SAE's own pre-activation on z in its convention
+    # pre_act is the SAE's own pre-activation (hook_sae_acts_pre) on z in its convention
     z = backend_for(any_backend_model).capture(tokens, [site], convention=convention)[1].z
-    hidden_pre = (z.flatten(-2) - sae.b_dec) @ sae.W_enc + getattr(sae, "b_enc", 0)
+    hidden_pre, acts = sae_lens_encode(sae, z)
     torch.testing.assert_close(result.pre_act, hidden_pre, atol=1e-4, rtol=1e-4)
-    if architecture == "standard":
-        torch.testing.assert_close(result.pre_act.relu(), sae.encode(z), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.acts, acts, atol=1e-4, rtol=1e-4)
     assert result.by_src.shape == (3, 12, 12, 96) and result.by_head.shape == (
         3,
         12,
@@ -156,7 +156,8 @@ def test_sae_of_another_shape_is_refused(model, gqa_model) -> None:
 def test_unsupported_architecture_is_refused(model) -> None:
     with pytest.raises(
         ValueError,
-        match=r"architecture 'gated' is not supported \(supported: \['standard', 'topk', 'jumprelu'\]\)",
+        match=r"architecture 'gated' is not supported "
+        r"\(supported: \['standard', 'topk', 'jumprelu', 'batchtopk'\]\)",
     ):
         sla.analysis.dfa(model, random_sae(AttnSite.from_model(model, 0), "gated"), batch())
 
@@ -190,7 +191,11 @@ def test_dfa_at_peaks_equals_the_full_dfa_at_each_features_peak(
     peaks = sla.analysis.dfa_at_peaks(any_backend_model, sae, tokens, feature_chunk=17)
     z = backend_for(any_backend_model).capture(tokens, [site], convention="folded")[1].z
     acts = encode_z(sae, z)  # the SAE's own activations
-    torch.testing.assert_close(peaks.positions, acts.argmax(1))
+    fired = acts.max(1).values > 0
+    assert torch.equal(peaks.fired, fired) and not fired.all()  # some never fire in a prompt
+    # the max-activating position where the feature fires, the max pre-activation one elsewhere
+    expected = torch.where(fired, acts.argmax(1), full.pre_act.argmax(1))
+    torch.testing.assert_close(peaks.positions, expected)
     rows, feats = torch.arange(3)[:, None], torch.arange(96)[None, :]
     torch.testing.assert_close(
         peaks.by_src,
@@ -219,3 +224,40 @@ def test_dfa_at_peaks_refuses_bad_peaks(model) -> None:
         sla.analysis.dfa_at_peaks(
             model, sae, batch(), features=[0, 1], peaks=torch.full((3, 2), 12)
         )
+
+
+def test_dfa_at_peaks_reports_features_that_never_fire(model) -> None:
+    """A feature that fires nowhere in a prompt is marked ``fired=False`` and attributed where it
+    came closest (its max pre-activation), never silently at position 0."""
+    sae: Any = random_sae(AttnSite.from_model(model, 1))
+    with torch.no_grad():
+        sae.b_enc[2] = -100.0  # feature 2 never fires
+        sae.b_enc[1] = 100.0  # feature 1 fires everywhere
+    tokens = batch()
+    full = sla.analysis.dfa(model, sae, tokens, features=[2, 1])
+    peaks = sla.analysis.dfa_at_peaks(model, sae, tokens, features=[2, 1])
+    assert not peaks.fired[:, 0].any() and (peaks.acts[:, 0] == 0).all()
+    assert peaks.fired[:, 1].all()
+    torch.testing.assert_close(peaks.positions[:, 0], full.pre_act[..., 0].argmax(1))
+    assert peaks.positions[:, 0].tolist() == [3, 2, 1]  # not 0, where nothing fired either
+    rows = torch.arange(3)
+    torch.testing.assert_close(peaks.pre_act[:, 0], full.pre_act[rows, peaks.positions[:, 0], 0])
+    torch.testing.assert_close(
+        peaks.by_src.sum(1) + peaks.bias, peaks.pre_act, atol=1e-4, rtol=1e-4
+    )
+    # explicit peaks: `fired` says whether the feature fires at the given position
+    given = sla.analysis.dfa_at_peaks(
+        model, sae, tokens, features=[2, 1], peaks=torch.zeros(3, 2, dtype=torch.long)
+    )
+    assert given.fired.tolist() == [[False, True]] * 3
+    torch.testing.assert_close(given.acts[:, 1], full.acts[:, 0, 1])
+
+
+def test_dfa_at_peaks_never_attributes_padding(model) -> None:
+    sae = random_sae(AttnSite.from_model(model, 1))
+    tokens = batch()
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0  # left padding in the first prompt
+    peaks = sla.analysis.dfa_at_peaks(model, sae, tokens, attention_mask=mask)
+    assert (peaks.positions[0] >= 5).all() and peaks.mask.all()
+    assert (peaks.by_src[0, :5] == 0).all()

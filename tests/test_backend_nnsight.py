@@ -151,19 +151,18 @@ def test_patterns_without_recomputation_are_a_clear_error(monkeypatch) -> None:
 
 
 def test_architecture_missing_from_the_table_is_refused() -> None:
-    config = transformers.OPTConfig(
+    config = transformers.XGLMConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=16,
-        num_hidden_layers=1,
+        d_model=16,
+        num_layers=1,
         ffn_dim=32,
-        num_attention_heads=2,
+        attention_heads=2,
         max_position_embeddings=32,
-        word_embed_proj_dim=16,
     )
-    model = transformers.OPTForCausalLM(config)
+    model = transformers.XGLMForCausalLM(config)
     with pytest.raises(
         ValueError,
-        match=r"unsupported Hugging Face architecture 'OPTForCausalLM'; supported: .*GPT2LMHeadModel.*add a row",
+        match=r"unsupported Hugging Face architecture 'XGLMForCausalLM'; supported: .*GPT2LMHeadModel.*add a row",
     ):
         AttnSite.from_model(model, 0)
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
 from sae_lens_attn.cli import main
-from sae_lens_attn.dashboard import build_dashboard, collect
+from sae_lens_attn.dashboard import build_dashboard, collect, saedashboard
 
 from .browser import CHROMIUM, open_page
 from .conftest import build_model
@@ -26,6 +26,10 @@ from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
 from .test_analysis_dfa import random_sae
 
 REPO = Path(__file__).resolve().parents[1]
+needs_saedashboard = pytest.mark.skipif(
+    not saedashboard.installed(),
+    reason="SAEDashboard is not installed (the saedashboard extra, oldest stack only)",
+)
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
 RENDERED = """(() => {
   const drawn = id => { const el = document.getElementById(id); if (!el) return false;
@@ -60,6 +64,7 @@ def no_external_resources(folder: Path) -> None:
         assert match is None, f"{page.name} loads {match and match.group(0)}"
 
 
+@needs_saedashboard
 def test_transformer_lens_pages_are_saedashboards_with_our_panels(tl_model, tmp_path) -> None:
     sae = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
     board = build_dashboard(tl_model, sae, prompts(), tmp_path / "d", top=2, progress=False)
@@ -94,14 +99,31 @@ def test_hugging_face_pages_are_ours(tmp_path) -> None:
         build_dashboard(hf, sae, prompts(), tmp_path / "e", engine="saedashboard", progress=False)
 
 
+def test_without_saedashboard_our_engine_serves_and_asking_for_it_says_how_to_install(
+    tl_model, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(saedashboard.importlib.util, "find_spec", lambda name, *a: None)
+    sae = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
+    board = build_dashboard(tl_model, sae, prompts(), tmp_path / "d", top=1, progress=False)
+    assert board.engine == "own" and "SAEDashboard is not installed" in board.note
+    with pytest.raises(
+        ValueError, match=r"engine='saedashboard'.*pip install 'sae-lens-attn\[saedashboard\]'"
+    ):
+        build_dashboard(tl_model, sae, prompts(), tmp_path / "e", engine="saedashboard")
+    assert not (tmp_path / "e").exists()
+
+
+@needs_saedashboard
 def test_folded_saes_do_not_go_through_saedashboard(tl_model, tmp_path) -> None:
     sae = random_sae(AttnSite.from_model(tl_model, 0), value_bias_convention="folded")
     board = build_dashboard(tl_model, sae, prompts(), tmp_path / "d", top=1, progress=False)
     assert board.engine == "own" and "trained on folded z" in board.note
 
 
-def test_panel_data_is_the_dfa_decomposition(tl_model) -> None:
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_panel_data_is_the_dfa_decomposition(tl_model, apply_b_dec_to_input) -> None:
     sae = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
+    sae.cfg.apply_b_dec_to_input = apply_b_dec_to_input
     tokens = prompts()
     counted = tokens != 0
     data = collect(tl_model, sae, tokens, [5, 11, 40], counted=counted, n_contexts=4)
@@ -185,6 +207,6 @@ def test_dashboard_renders_in_chromium(kind, tl_model, tmp_path) -> None:
     assert report.errors == ()
     assert report.remote_requests == ()
     assert report.check["dfa"] and report.check["heads"], report.check
-    if kind == "transformer_lens":  # SAEDashboard's own parts drew too (d3 and Plotly loaded)
+    if board.engine == "saedashboard":  # SAEDashboard's own parts drew too (d3, Plotly loaded)
         assert report.check["saedashboard_columns"] > 0 and report.check["plotly_plots"] > 0
     assert report.screenshot[:4] == b"\x89PNG" and len(report.screenshot) > 10_000

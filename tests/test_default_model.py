@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from sae_lens import SAE
+from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
 import sae_lens_attn as sla
@@ -115,6 +116,40 @@ def test_unknown_sae_id_lists_the_valid_ids() -> None:
     with pytest.raises(ValueError, match="valid ids") as err:
         sla.get_release(RELEASE_NAME).sae("blocks.7")
     assert all(repr(sae_id) in str(err.value) for sae_id in SAE_IDS)
+
+
+def test_saved_weights_are_the_parameters(
+    default: tuple[HookedTransformer, Any], tmp_path: Path
+) -> None:
+    """Buffers (each attention's causal mask and IGNORE) are rebuilt from the config, not saved:
+    their shapes differ across TransformerLens versions (3.x keeps an empty mask). The shipped
+    file, written by 2.x, carries them and loads on both (``test_a_copy_of_the_files_loads``)."""
+    model, tokenizer = default
+    out = tmp_path / "saved"
+    model_files.save_default_model(model, tokenizer, out)
+    model_files.write_checksums(out)
+    saved = load_file(str(out / model_files.WEIGHTS_FILE))
+    assert set(saved) == {name for name, _ in model.named_parameters()}
+    again, _ = sla.load_default_model(out)
+    tokens = model.to_tokens("for key, value in items.items():")
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(
+    default: tuple[HookedTransformer, Any], tmp_path: Path
+) -> None:
+    model, tokenizer = default
+    out = tmp_path / "saved"
+    model_files.save_default_model(model, tokenizer, out)
+    weights = out / model_files.WEIGHTS_FILE
+    state = load_file(str(weights))
+    state["blocks.0.attn.W_Q"] = state["blocks.0.attn.W_Q"][..., :-1].contiguous()
+    state["blocks.9.attn.W_Q"] = state["blocks.1.attn.W_Q"].clone()
+    save_file(state, str(weights))
+    model_files.write_checksums(out)
+    with pytest.raises(ValueError, match=r"do not fit.*'blocks\.0\.attn\.W_Q', 'blocks\.9"):
+        sla.load_default_model(out)
 
 
 # --- damaged files --------------------------------------------------------------------------

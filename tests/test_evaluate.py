@@ -1,4 +1,5 @@
-"""sla.evaluate: agrees with SAELens's run_evals, is the same on both backends, ignores padding."""
+"""sla.evaluate: agrees with SAELens's run_evals, reproduces Kissane et al.'s loss recovered, is the
+same on both backends, ignores padding."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
+from transformer_lens import HookedTransformer
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
@@ -24,7 +26,11 @@ from .test_analysis_dfa import random_sae
 REQUIRED = {
     "l0", "dead_fraction", "explained_variance", "mse", "ce_clean", "ce_sae", "ce_zero_ablation",
     "ce_mean_ablation", "loss_recovered_zero", "loss_recovered_mean", "delta_ce", "kl",
+    "loss_recovered_paper", "loss_recovered_saelens", "ce_clean_paper", "ce_sae_paper",
+    "ce_zero_ablation_paper",
 }  # fmt: skip
+RATIOS = {"loss_recovered_zero", "loss_recovered_mean", "loss_recovered_paper",
+          "loss_recovered_saelens", "explained_variance"}  # fmt: skip
 
 
 def near_identity_sae(
@@ -92,6 +98,7 @@ def test_agrees_with_saelens_run_evals(model, tokens, tl_sae) -> None:
         "ce_sae": ce["ce_loss_with_sae"],
         "ce_zero_ablation": ce["ce_loss_with_ablation"],
         "loss_recovered_zero": ce["ce_loss_score"],
+        "loss_recovered_saelens": ce["ce_loss_score"],
         "kl": theirs["model_behavior_preservation"]["kl_div_with_sae"],
     }
     for key, value in pairs.items():
@@ -108,6 +115,116 @@ def test_agrees_with_saelens_run_evals(model, tokens, tl_sae) -> None:
     assert ours.loss_recovered_mean == pytest.approx(expected)
 
 
+def kissane_reconstruction(sae: SAE[Any], z: torch.Tensor) -> torch.Tensor:
+    """A standard SAE's reconstruction of z [b, pos, heads, d_head] from its weights alone, as
+    Kissane et al.'s AutoEncoder.forward computes it on z flattened head-major."""
+    W_enc, W_dec, b_enc, b_dec = (sae.state_dict()[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    acts = torch.relu((z.flatten(-2) - b_dec) @ W_enc + b_enc)
+    return (acts @ W_dec + b_dec).reshape(z.shape)
+
+
+def kissane_loss_recovered(
+    model: HookedTransformer, sae: SAE[Any], tokens: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    """Kissane et al.'s get_recons_loss, by hand: the mean TransformerLens loss (every position)
+    clean, with the reconstruction spliced at hook_z at every position, and with hook_z zeroed at
+    every position, averaged over equal batches."""
+    hook_name = sae.cfg.metadata.hook_name
+    losses = {"clean": [], "sae": [], "zero": []}
+    for batch in tokens.split(batch_size):
+        losses["clean"].append(model(batch, return_type="loss").item())
+        hooks = {
+            "sae": lambda z, hook: kissane_reconstruction(sae, z),
+            "zero": lambda z, hook: torch.zeros_like(z),
+        }
+        for name, hook in hooks.items():
+            loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook_name, hook)])
+            losses[name].append(loss.item())
+    ce = {name: sum(values) / len(values) for name, values in losses.items()}
+    ce["score"] = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"])
+    return ce
+
+
+@pytest.mark.parametrize("processing", ["none", "from_pretrained"])
+def test_paper_loss_recovered_matches_kissane_et_al_loop(model, tokens, processing) -> None:
+    """Every position counted and spliced, BOS included, z zero-ablated at hook_z, on a model
+    without weight processing ("included" z) and on one processed as from_pretrained does
+    ("folded" z, the published GPT-2 SAEs' setting)."""
+    if processing == "none":
+        tl, convention = model, "included"
+    else:
+        tl, convention = build_twin(build_hf("gpt2"), full_processing=True), "folded"
+        tokens = torch.randint(2, VOCAB_SIZE, (8, 12), generator=torch.Generator().manual_seed(7))
+        tokens[:, 0] = 0  # BOS
+    sae = near_identity_sae(
+        AttnSite.from_model(tl, 1), noise=0.05, value_bias_convention=convention
+    )
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    ours = sla.evaluate(tl, sae, tokens, batch_size=8, exclude_tokens=[0], progress=False)
+    with torch.no_grad():
+        theirs = kissane_loss_recovered(tl, sae, tokens, batch_size=8)
+    assert ours.ce_clean_paper == pytest.approx(theirs["clean"], rel=1e-5)
+    assert ours.ce_sae_paper == pytest.approx(theirs["sae"], rel=1e-5)
+    assert ours.ce_zero_ablation_paper == pytest.approx(theirs["zero"], rel=1e-5)
+    denominator = theirs["zero"] - theirs["clean"]
+    assert abs(denominator) > 1e-3  # the ratio is well defined
+    assert ours.loss_recovered_paper == pytest.approx(theirs["score"], abs=1e-5 / abs(denominator))
+    assert ours.n_predictions_paper == tokens.shape[0] * (tokens.shape[1] - 1)
+    # SAELens's variant leaves the BOS position out of the splice and the losses
+    assert ours.n_predictions == tokens.shape[0] * (tokens.shape[1] - 2)
+    assert ours.loss_recovered_saelens == ours.loss_recovered_zero
+    assert ours.loss_recovered_saelens != pytest.approx(ours.loss_recovered_paper, abs=1e-6)
+
+
+def test_saelens_variant_masks_special_tokens_by_hand(model, tokens, tl_sae) -> None:
+    """SAELens's positions, by hand: splice the reconstruction only where the token is not BOS,
+    zero z everywhere, average the per-token losses of predictions made at non-BOS positions."""
+    ours = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[0], progress=False)
+    keep = tokens != 0  # (B, T)
+    hook_name = tl_sae.cfg.metadata.hook_name
+
+    def splice(z, hook):
+        return torch.where(keep[..., None, None], kissane_reconstruction(tl_sae, z), z)
+
+    def zero(z, hook):
+        return torch.zeros_like(z)
+
+    with torch.no_grad():
+        per_token = {
+            "clean": model(tokens, return_type="loss", loss_per_token=True),
+            "sae": model.run_with_hooks(
+                tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(hook_name, splice)]
+            ),
+            "zero": model.run_with_hooks(
+                tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(hook_name, zero)]
+            ),
+        }
+    ce = {name: loss[keep[:, :-1]].mean().item() for name, loss in per_token.items()}
+    expected = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"])
+    assert ours.ce_clean == pytest.approx(ce["clean"], rel=1e-5)
+    assert ours.ce_sae == pytest.approx(ce["sae"], rel=1e-5)
+    assert ours.loss_recovered_saelens == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_the_two_variants_agree_without_exclusions_and_exclude_from_loss(model, tokens, tl_sae):
+    none_excluded = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[], progress=False)
+    assert none_excluded.loss_recovered_paper == none_excluded.loss_recovered_saelens
+    assert none_excluded.ce_sae_paper == none_excluded.ce_sae
+    default = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[0], progress=False)
+    paper_positions = sla.evaluate(
+        model, tl_sae, tokens, exclude_tokens=[0], exclude_from_loss=False, progress=False
+    )
+    # exclude_from_loss picks the positions of the legacy keys only
+    assert paper_positions.loss_recovered_zero == pytest.approx(default.loss_recovered_paper)
+    assert paper_positions.ce_clean == pytest.approx(default.ce_clean_paper)
+    assert paper_positions.n_predictions == default.n_predictions_paper
+    for key in ("loss_recovered_paper", "loss_recovered_saelens", "l0", "mse"):
+        assert paper_positions[key] == pytest.approx(default[key]), key
+    # the paper variant does not depend on exclude_tokens
+    assert none_excluded.loss_recovered_paper == pytest.approx(default.loss_recovered_paper)
+
+
 @pytest.mark.parametrize("convention", ["folded", "included"])
 def test_same_numbers_through_nnsight_and_transformer_lens(convention) -> None:
     hf = build_hf("gpt2")
@@ -119,8 +236,12 @@ def test_same_numbers_through_nnsight_and_transformer_lens(convention) -> None:
     via_hf = sla.evaluate(hf, sae, tokens, batch_size=4, exclude_tokens=[0], progress=False)
     via_tl = sla.evaluate(twin, sae, tokens, batch_size=4, exclude_tokens=[0], progress=False)
     assert via_hf.convention == via_tl.convention == convention
-    for key in REQUIRED:
+    for key in REQUIRED - RATIOS:
         assert via_hf[key] == pytest.approx(via_tl[key], rel=1e-4, abs=1e-5), key
+    # a ratio of CE differences: float32 CEs agree to ~1e-6, the denominators can be ~1e-2
+    for key, suffix in (("loss_recovered_paper", "_paper"), ("loss_recovered_saelens", "")):
+        denominator = abs(via_tl[f"ce_zero_ablation{suffix}"] - via_tl[f"ce_clean{suffix}"])
+        assert via_hf[key] == pytest.approx(via_tl[key], abs=1e-5 / denominator), key
 
 
 def test_exact_reconstruction_recovers_all_the_loss() -> None:
@@ -215,7 +336,11 @@ def test_cli_table_for_sae_folders_on_a_hugging_face_model(tmp_path, capsys) -> 
     printed = capsys.readouterr()
     assert code == 0, printed.err
     lines = [line for line in printed.out.splitlines() if line.startswith("|")]
-    assert lines[0].startswith("| layer | SAE | L0 | loss rec. (zero) | loss rec. (mean) | dead %")
+    assert lines[0].startswith(
+        "| layer | SAE | L0 | loss recovered (paper: all positions) | loss recovered (SAELens: "
+        "special tokens excluded) | loss recovered (mean ablation, special tokens excluded) | dead %"
+    )
+    assert "paper: the SAE spliced at every position and every prediction counted" in printed.out
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["0", "1"]  # sorted by layer
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
         "evaluation.json", "per_layer.html", "per_layer.png",

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+import transformers
 from torch import Tensor
 
 from .hf_twins import (
@@ -21,6 +22,7 @@ from .hf_twins import (
     build_hf,
     build_twin,
     make_tokenizer,
+    supports_sdpa,
 )
 
 ATOL = 1e-5
@@ -201,6 +203,19 @@ def test_sdpa_matches_eager(arch: str) -> None:
     assert _max_abs_diff(sdpa_logits, hf_run(arch).logits) <= ATOL
 
 
+@pytest.mark.parametrize("arch", [*ALL_ARCHITECTURES, "gemma2_softcap", "gpt_oss", "bloom"])
+def test_supports_sdpa_says_whether_sdpa_builds(arch: str) -> None:
+    if supports_sdpa(arch):
+        assert build_hf(arch, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    else:  # transformers 4.57: GPT-OSS and BLOOM; transformers 5: Gemma-2 too
+        with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+            build_hf(arch, attn_implementation="sdpa")
+
+
+@pytest.mark.skipif(
+    not supports_sdpa("gemma2"),
+    reason=f"transformers {transformers.__version__} refuses SDPA for Gemma-2",
+)
 def test_gemma2_sdpa_drops_attention_logit_softcapping() -> None:
     """A trap for parity tests: only Gemma-2's eager attention applies attn_logit_softcapping."""
     assert hf_model("gemma2").config.attn_logit_softcapping is not None

@@ -27,6 +27,7 @@ from sae_lens_attn.pretrained import KISSANE_CONVERSION_FUNC, register_pretraine
 from sae_lens_attn.pretrained.kissane import config_file_for
 
 from .hub_cache import add_repo, use_hub_cache
+from .test_folded_model_kwargs import FROM_PRETRAINED_DEFAULTS
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:\s*This SAE has non-empty model_from_pretrained_kwargs"
@@ -186,7 +187,7 @@ def test_config_has_attention_metadata_and_dictionary_size_per_layer(tmp_path, m
         "d_head": 64,
     }
     assert meta["value_bias_convention"] == "folded"
-    assert meta["model_from_pretrained_kwargs"] == {"fold_value_biases": True}
+    assert meta["model_from_pretrained_kwargs"] == FROM_PRETRAINED_DEFAULTS
     assert meta["hf_architecture"] == "GPT2LMHeadModel"
     assert meta["hf_module_path"] == "transformer.h.5.attn.c_proj"
     assert (meta["model_name"], meta["context_size"], meta["dataset_path"]) == (
@@ -206,7 +207,7 @@ def test_from_pretrained_loads_every_layer(hub, layer) -> None:
     assert sae.cfg.d_sae == TINY[layer] and cfg_dict["d_sae"] == TINY[layer]
     assert sparsity is None  # Kissane et al.'s files have no feature sparsity
     assert sla.AttnSite.from_sae(sae) == sla.AttnSite(layer, 12, 12, 64)
-    assert sae.cfg.metadata.model_from_pretrained_kwargs == {"fold_value_biases": True}
+    assert sae.cfg.metadata.model_from_pretrained_kwargs == FROM_PRETRAINED_DEFAULTS
     z = torch.randn(2, 3, 12, 64, generator=torch.Generator().manual_seed(layer))
     alias = SAE.from_pretrained(RELEASE, f"blocks.{layer}.hook_z")
     assert torch.equal(sae(z), alias(z)) and sae(z).shape == z.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +15,9 @@ import yaml
 from sae_lens import SAE
 
 import sae_lens_attn as sla
+from sae_lens_attn.resampling import cosine_warmup_factor
+
+from .test_folded_model_kwargs import FROM_PRETRAINED_DEFAULTS
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:\s*This SAE has non-empty model_from_pretrained_kwargs"
@@ -94,21 +98,68 @@ def test_recipe_documents_every_option_and_its_needs(recipe: str) -> None:
     assert used and used <= set(sla.__all__), f"{recipe} uses non-public {used - set(sla.__all__)}"
 
 
+def recipe_constant(recipe: str, name: str) -> object:
+    """A module-level literal of a recipe, read from its source (recipes run on import)."""
+    tree = ast.parse((RECIPES / recipe).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == name for target in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{recipe} defines no {name}")
+
+
+def test_kissane_dead_direction_cutoffs_are_the_published_ones() -> None:
+    """The recipe's per-layer cutoffs are those in the published file names (`_dc{:.2e}_`)."""
+    table = recipe_constant("reproduce_kissane_gpt2_small.py", "PAPER_DEAD_DIRECTION_CUTOFF")
+    release = sla.get_release("gpt2-small-attn-z")
+    published = {}
+    for layer in range(12):
+        match = re.search(r"_dc([0-9.e+-]+)_", release.sae(f"blocks.{layer}").path)
+        assert match, release.sae(f"blocks.{layer}").path
+        published[layer] = float(match.group(1))
+    assert table == published
+    assert {published[8], published[10], published[11]} == {1e-5, 3.16e-6}  # not all 1e-6
+
+
 @pytest.mark.slow
 def test_reproduce_kissane_smoke_resamples_and_saves_every_layer(tmp_path) -> None:
     stdout = run_smoke("reproduce_kissane_gpt2_small.py", tmp_path)
     resampled = [int(n) for n in re.findall(r"resampled (\d+) dead features", stdout)]
     assert len(resampled) == 4, stdout  # 2 layers × 2 resamplings
     assert sum(resampled) > 0, "the smoke run's resampling never triggered"
-    assert "layer 1: l1_coeff 3.0, dictionary 256" in stdout
+    assert "layer 1: l1_coeff 3.0, dictionary 256, dead_direction_cutoff 1e-06" in stdout
     for layer in (0, 1):
         site = sla.AttnSite(layer=layer, n_heads=4, n_kv_heads=4, d_head=16)
         sae = load_attention_sae(tmp_path / site.hook_name, site)
         assert sae.cfg.architecture() == "standard" and sae.cfg.d_sae == 256
         meta = sae.cfg.metadata
         assert meta.value_bias_convention == "folded"
-        assert meta.model_from_pretrained_kwargs == {"fold_value_biases": True}
+        assert meta.model_from_pretrained_kwargs == FROM_PRETRAINED_DEFAULTS
         assert meta.context_size == 128 and meta.model_name == "smoke-2l-attn-only"
+
+    # the schedule as run: resample after steps 10 and 20 on 5-step windows (5 × 256 tokens)
+    log = json.loads((tmp_path / "training_log.json").read_text(encoding="utf-8"))
+    lr, warmup = log["lr"], log["schedule"]["warmup_steps"]
+    assert log["schedule"]["resample_steps"] == [10, 20] and warmup == 5
+    assert [r["window_tokens"] for r in log["resamplings"]] == [5 * 256] * 4
+    assert [r["resampled"] for r in log["resamplings"]] == resampled
+    assert set(log["dead_direction_cutoff"].values()) == {1e-6}
+    # each layer's lr: a cosine warm-up 0.1·lr → lr over 5 steps from step 1, and from the step
+    # after each resampling that changed the layer; constant lr otherwise
+    for hook_name, changes in log["lr_changes"].items():
+        starts = [1] + [
+            r["step"] + 1
+            for r in log["resamplings"]
+            if r["hook_name"] == hook_name and r["resampled"] > 0
+        ]
+        expected = [
+            [start + j, pytest.approx(lr * cosine_warmup_factor(j, warmup, 0.1))]
+            for start in starts
+            for j in range(warmup + 1)
+        ]
+        assert changes == expected, hook_name
+        assert changes[0][1] == pytest.approx(0.1 * lr)
 
 
 @pytest.mark.slow

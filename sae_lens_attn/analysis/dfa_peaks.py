@@ -1,9 +1,10 @@
 """DFA at each feature's own query position per context, usually its max-activating one.
 
 This is what feature dashboards show: for every feature and every prompt, which source positions
-(and heads) drove the feature where it fired hardest. Positions differ per feature, so the
-pattern rows are gathered per (prompt, feature) and values are projected onto the encoder in
-feature chunks; the cost is about one ``[tokens, d_in] @ [d_in, F]`` matrix multiply.
+(and heads) drove the feature where it fired hardest. Positions differ per feature, so the DFA
+kernel (``dfa.attribute``) gathers the pattern rows per (prompt, feature); the cost is about one
+``[tokens, d_in] @ [d_in, F]`` matrix multiply, plus one pass of the SAE's ``encode`` to find
+the peaks. Every SAE flag ``dfa`` supports is supported here, by the same kernel.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from sae_lens import SAE
 from torch import Tensor
 
 from sae_lens_attn.analysis.dfa import (
-    _b_enc,
     _check_sae,
     _features,
+    _zero_unless,
+    attribute,
+    check_device,
     check_tokens,
+    compute_dtype,
     dfa_capture,
-    encode_z,
+    encoder_terms,
+    feature_acts,
+    pre_activation,
 )
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
@@ -33,9 +39,10 @@ class PeakDFA:
     """DFA of each feature at one query position per prompt (its peak unless given)."""
 
     pre_act: Float[Tensor, " batch F"]
-    """Encoder pre-activation at the position."""
+    """Encoder pre-activation at the position (SAELens's ``hook_sae_acts_pre``)."""
     bias: Float[Tensor, " F"]
-    """``b_enc − b_dec · W_enc``: the part of ``pre_act`` no source explains."""
+    """``b_enc − b_dec · W_enc`` (no b_dec term when the SAE does not subtract it from its
+    input): the part of ``pre_act`` no source explains."""
     by_src: Float[Tensor, " batch s F"]
     """Contribution of each source position, summed over heads."""
     by_head: Float[Tensor, " batch n_heads F"]
@@ -43,9 +50,19 @@ class PeakDFA:
     features: Int[Tensor, " F"]
     """Feature indices, in the order of the last dimension."""
     positions: Int[Tensor, " batch F"]
-    """The query position of each (prompt, feature)."""
+    """The query position of each (prompt, feature): where its activation is largest, or, for a
+    feature that never fires in the prompt (``fired`` False), where its pre-activation is."""
     mask: Bool[Tensor, " batch F"]
     """True where the position is a real token (not padding)."""
+    acts: Float[Tensor, " batch F"]
+    """The SAE's own feature activation at the position (its ``encode``)."""
+    fired: Bool[Tensor, " batch F"]
+    """True where that activation is positive; False where the feature does not fire there
+    (by default: nowhere in the prompt)."""
+    activation_scale: Float[Tensor, " F"]
+    """``DFAResult.activation_scale``: a firing TopK feature's activation is ``scale · pre_act``."""
+    input_scale: Float[Tensor, " batch F"]
+    """The per-token factor of the SAE's input normalisation at the position (1 without one)."""
 
 
 @torch.no_grad()
@@ -63,11 +80,12 @@ def dfa_at_peaks(
 
     Args:
         model: any model a backend supports.
-        sae: a hook_z SAE with a linear encoder.
+        sae: a hook_z SAE that ``sla.analysis.dfa`` accepts (same flags, same kernel).
         tokens: token ids ``[batch, pos]``.
         features: feature indices (default: all).
         peaks: the query position per (prompt, feature); default: where the feature's
-            activation is largest in that prompt (padding excluded).
+            activation is largest in that prompt (padding excluded), and where its pre-activation
+            is largest if it never fires there (``fired`` says which).
         attention_mask: 0 at padding; padding is never attributed.
         feature_chunk: features computed at once.
 
@@ -79,35 +97,29 @@ def dfa_at_peaks(
     _check_sae(sae)
     feature_idx = _features(features, sae.cfg.d_sae)
     check_tokens(tokens)
+    _check_peaks(peaks, tokens, feature_idx)
     cap = dfa_capture(backend, sae, site, tokens, attention_mask)
     assert cap.pattern is not None and cap.values is not None
+    check_device(sae, cap.z)
+    acts = feature_acts(sae, cap.z, feature_idx)  # (B, T, F)
     real = (
         torch.ones(tokens.shape, dtype=torch.bool)
         if attention_mask is None
         else attention_mask.bool()
-    )
+    ).to(acts.device)
     if peaks is None:
-        acts = encode_z(sae, cap.z)[..., feature_idx].float()
-        peaks = acts.masked_fill(~real[..., None], float("-inf")).argmax(1)
-    elif peaks.shape != (tokens.shape[0], feature_idx.numel()):
-        raise ValueError(
-            f"peaks must be [batch, F] = {[tokens.shape[0], feature_idx.numel()]}, got {list(peaks.shape)}"
-        )
-    elif ((peaks < 0) | (peaks >= tokens.shape[1])).any():
-        raise ValueError(f"peaks must lie in 0..{tokens.shape[1] - 1}")
-    result = peak_dfa(
-        cap.pattern, cap.values, cap.z_flat, sae, site, feature_idx, peaks, feature_chunk
-    )
-    mask = real.gather(1, peaks)
-    keep = mask.to(result.pre_act.dtype)
-    return PeakDFA(
-        pre_act=result.pre_act * keep,
-        bias=result.bias,
-        by_src=result.by_src * keep[:, None],
-        by_head=result.by_head * keep[:, None],
-        features=feature_idx,
-        positions=peaks,
-        mask=mask,
+        peaks = _default_peaks(acts, _pre_acts(sae, cap.z_flat, feature_idx), real)
+    return peak_dfa(
+        cap.pattern,
+        cap.values,
+        cap.z_flat,
+        sae,
+        site,
+        feature_idx,
+        peaks,
+        feature_chunk,
+        acts=acts,
+        real=real,
     )
 
 
@@ -120,38 +132,68 @@ def peak_dfa(
     features: Int[Tensor, " F"],
     peaks: Int[Tensor, " batch F"],
     feature_chunk: int = 256,
+    *,
+    acts: Float[Tensor, " batch q F"] | None = None,
+    real: Bool[Tensor, " batch q"] | None = None,
 ) -> PeakDFA:
-    """The arithmetic of ``dfa_at_peaks`` on captured tensors (values expanded to query heads)."""
-    W_enc = sae.W_enc.detach().to(values.dtype)
-    b_enc = _b_enc(sae).to(values.dtype)
-    b_dec = sae.b_dec.detach().to(values.dtype)
-    rows = torch.arange(values.shape[0])[:, None]
-    pattern_by_query = pattern.permute(0, 2, 1, 3).contiguous()  # (B, Q, H, S): rows gather fast
-    values_by_head = values.permute(2, 0, 1, 3).flatten(1, 2)  # (H, B*S, D)
-    parts: dict[str, list[Tensor]] = {"pre_act": [], "bias": [], "by_src": [], "by_head": []}
-    for start in range(0, features.numel(), feature_chunk):
-        chunk = features[start : start + feature_chunk]
-        q = peaks[:, start : start + feature_chunk]  # (B, F)
-        w = W_enc[:, chunk]  # (d_in, F)
-        # v_h[s] · W_enc[h-block, f], one matmul per head: (H, B*S, F) -> (B, F, H, S)
-        projected = torch.bmm(values_by_head, w.unflatten(0, (site.n_heads, site.d_head)))
-        projected = projected.unflatten(1, (values.shape[0], values.shape[1])).permute(1, 3, 0, 2)
-        rows_at_peak = pattern_by_query[rows, q]  # (B, F, H, S)
-        # DFA_f[q*, h, s] for every (prompt, feature): an elementwise product, no matmul needed.
-        per_head_src = rows_at_peak * projected  # (B, F, H, S)
-        parts["by_src"].append(per_head_src.sum(2).transpose(1, 2))
-        parts["by_head"].append(per_head_src.sum(3).transpose(1, 2))
-        bias = b_enc[chunk] - b_dec @ w
-        pre = (z @ w).gather(1, q[:, None, :]).squeeze(1)  # (B, F)
-        parts["pre_act"].append(pre + bias)
-        parts["bias"].append(bias)
-    out = {name: torch.cat(tensors, dim=-1) for name, tensors in parts.items()}
+    """``dfa_at_peaks`` on captured tensors (values expanded to query heads, z flattened).
+
+    ``acts`` (the SAE's activations of ``features`` at every position) are computed with the
+    SAE's ``encode`` when not given; ``real`` (True at non-padding positions) defaults to all.
+    """
+    peaks = peaks.to(z.device)
+    out = attribute(
+        pattern, values, z, sae, site, features, peaks[:, None, :], feature_chunk=feature_chunk
+    )
+    if acts is None:
+        acts = feature_acts(sae, z.unflatten(-1, (site.n_heads, site.d_head)), features)
+    real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else real
+    at_peak = acts.gather(1, peaks[:, None, :]).squeeze(1).to(out.pre_act.dtype)  # (B, F)
+    mask = real.to(z.device).gather(1, peaks)
+    keep = mask[:, None]
     return PeakDFA(
-        pre_act=out["pre_act"],
-        bias=out["bias"],
-        by_src=out["by_src"],
-        by_head=out["by_head"],
+        pre_act=_zero_unless(mask, out.pre_act[:, 0]),
+        bias=out.bias,
+        by_src=_zero_unless(keep, out.by_src[:, 0]),
+        by_head=_zero_unless(keep, out.by_head[:, 0]),
         features=features,
         positions=peaks,
-        mask=torch.ones(peaks.shape, dtype=torch.bool),
+        mask=mask,
+        acts=_zero_unless(mask, at_peak),
+        fired=mask & (at_peak > 0),
+        activation_scale=out.activation_scale,
+        input_scale=out.input_scale.gather(1, peaks),
     )
+
+
+def _pre_acts(
+    sae: SAE[Any], z: Float[Tensor, " batch pos d_in"], features: Int[Tensor, " F"]
+) -> Float[Tensor, " batch pos F"]:
+    """Pre-activations of ``features`` at every position, as the DFA kernel computes them."""
+    terms = encoder_terms(sae, features, compute_dtype(z, sae.W_enc))
+    z = z.to(terms.weight.dtype)
+    return pre_activation(terms, z, terms.normalisation.scale(z))
+
+
+def _default_peaks(
+    acts: Float[Tensor, " batch pos F"],
+    pre_acts: Float[Tensor, " batch pos F"],
+    real: Bool[Tensor, " batch pos"],
+) -> Int[Tensor, " batch F"]:
+    """Each (prompt, feature)'s max-activating real position, or its max pre-activation one
+    where the feature never fires in the prompt."""
+    padding = ~real[..., None]
+    by_act = acts.float().masked_fill(padding, float("-inf")).max(1)
+    by_pre = pre_acts.float().masked_fill(padding, float("-inf")).argmax(1)
+    return torch.where(by_act.values > 0, by_act.indices, by_pre)
+
+
+def _check_peaks(peaks: Tensor | None, tokens: Tensor, features: Tensor) -> None:
+    if peaks is None:
+        return
+    if peaks.shape != (tokens.shape[0], features.numel()):
+        raise ValueError(
+            f"peaks must be [batch, F] = {[tokens.shape[0], features.numel()]}, got {list(peaks.shape)}"
+        )
+    if ((peaks < 0) | (peaks >= tokens.shape[1])).any():
+        raise ValueError(f"peaks must lie in 0..{tokens.shape[1] - 1}")

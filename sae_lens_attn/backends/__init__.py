@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakValueDictionary
 
 from sae_lens_attn.backends.base import (
     ActivationFn,
@@ -19,17 +19,26 @@ from sae_lens_attn.backends.base import (
 
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "transformer_lens.HookedTransformer": "transformer_lens",
+    "transformer_lens.model_bridge.TransformerBridge (TransformerLens 3; also SAELens's "
+    "SAETransformerBridge)": "bridge",
     "transformers.PreTrainedModel (causal LMs in sae_lens_attn.architectures.HF_ARCHITECTURES)": "nnsight",
     "nnsight.Envoy (an nnsight model wrapping one of those)": "nnsight",
     "sae_lens_attn.HookedHFModel (from sla.hooked)": "nnsight",
 }
 """Model types a backend accepts, mapped to the backend's name."""
 
-_backends: WeakKeyDictionary[Any, AttnBackend] = WeakKeyDictionary()
+_backends: WeakValueDictionary[int, AttnBackend] = WeakValueDictionary()
+"""Live backends by ``id`` of the model they were made for. A backend holds its model, so while
+an entry lives its model does too and the id cannot be reused; the table holds backends weakly,
+so dropping the model and its backends frees both (GPU memory included)."""
 
 
 def backend_for(model: Any) -> AttnBackend:
-    """The backend for ``model`` (a backend passes through unchanged; one per model is kept).
+    """The backend for ``model`` (a backend passes through unchanged).
+
+    While a backend for ``model`` is in use (held by the caller, a store, an open
+    ``capturing``/``splicing`` block), the same one is returned, so interventions opened through
+    one call apply to forward passes run through another.
 
     Raises:
         TypeError: no backend supports the model's type; the message lists the supported types.
@@ -40,16 +49,17 @@ def backend_for(model: Any) -> AttnBackend:
     backend = getattr(model, "attn_backend", None)  # sla.hooked facades carry theirs
     if isinstance(backend, AttnBackend):
         return backend
-    try:
-        return _backends[model]
-    except (KeyError, TypeError):
-        pass
-    backend = _new_backend(model)
-    _backends[model] = backend
+    backend = _backends.get(id(model))
+    if backend is None:
+        backend = _new_backend(model)
+        _backends[id(model)] = backend
     return backend
 
 
 def _new_backend(model: Any) -> AttnBackend:
+    bridge_backend = _bridge_backend(model)
+    if bridge_backend is not None:
+        return bridge_backend
     from nnsight import Envoy
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedModel
@@ -65,6 +75,22 @@ def _new_backend(model: Any) -> AttnBackend:
         f"no sae_lens_attn backend supports models of type {type(model).__module__}."
         f"{type(model).__qualname__}; supported: {list(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+def _bridge_backend(model: Any) -> AttnBackend | None:
+    """A ``BridgeBackend`` for a ``TransformerBridge``, else ``None`` (always ``None`` on
+    TransformerLens < 3, which has no bridge: the bridge module is imported only for bridges)."""
+    try:
+        from transformer_lens.model_bridge import (  # pyright: ignore[reportMissingImports]
+            TransformerBridge,  # TransformerLens >= 3 only
+        )
+    except ImportError:
+        return None
+    if not isinstance(model, TransformerBridge):
+        return None
+    from sae_lens_attn.backends.bridge import BridgeBackend
+
+    return BridgeBackend(model)
 
 
 __all__ = [

@@ -209,7 +209,11 @@ class AttnBackend(ABC):
     ) -> Iterator[Captures]:
         """Collect z (and optionally patterns and values) at ``sites`` during forward passes."""
         sites = [self._own(site) for site in sites]
-        captures = Captures(sites, self.value_biases(sites), check_convention(convention))
+        convention = check_convention(convention)
+        # Value biases are read only where they are subtracted: a model on the meta device
+        # (nnsight's remote runs) has none to read, and captures in its own convention.
+        biases = self.value_biases(sites) if convention == "folded" else {}
+        captures = Captures(sites, biases, convention)
         plan = Interventions()
         for site in sites:
             plan.add("z", site.layer, saver(captures.raw, (site.layer, "z")))

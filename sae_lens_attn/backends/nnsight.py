@@ -2,6 +2,14 @@
 
 z is the input of the attention output projection, read and replaced inside an nnsight trace,
 so the same code runs locally and, with ``remote=True``, on NDIF.
+
+Patterns and z always come from one computation: a pass that needs patterns runs the whole
+model with eager attention (and, where the architecture row says so, with
+``output_attentions=True``, without which OPT, StableLM and Qwen2-MoE return no weights), so its
+z is the eager model's. A pass without patterns runs the model's own attention implementation,
+so its z is what that model computes. The two can differ: transformers 4.57's SDPA path ignores
+Gemma-2's ``attn_logit_softcapping``, so z captured without patterns on an SDPA Gemma-2 is the
+SDPA model's z, not the eager one.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import nnsight
 import torch
 from jaxtyping import Float, Int
 from nnsight import Envoy
+from nnsight.modeling.mixins.remotable import Remotable
 from torch import Tensor, nn
 
 from sae_lens_attn.architectures import HF_ARCHITECTURES, hf_architecture
@@ -29,7 +38,12 @@ class NNsightBackend(AttnBackend):
         model: a ``transformers.PreTrainedModel`` or an nnsight model wrapping one.
         tokenizer: the model's tokenizer, for callers that tokenize text (``sla.hooked``).
         remote: run every trace on NDIF (``model.trace(..., remote=True)``); the code path is
-            the same as locally. Needs an NDIF API key (see nnsight's documentation).
+            the same as locally. Needs an nnsight model that names its checkpoint (e.g.
+            ``LanguageModel(repo_id)``) and an NDIF API key (see nnsight's documentation).
+
+    Raises:
+        ValueError: the architecture is not in the table, its heads do not form whole groups,
+            or ``remote=True`` with a model nnsight cannot run remotely.
     """
 
     name = "nnsight"
@@ -38,12 +52,18 @@ class NNsightBackend(AttnBackend):
         self._lm: Envoy | None = model if isinstance(model, Envoy) else None
         self.model: Any = model._module if isinstance(model, Envoy) else model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if remote and not isinstance(self._lm, Remotable):
+            raise ValueError(
+                f"remote=True needs an nnsight model that can name its checkpoint for NDIF (a "
+                f"{Remotable.__module__}.Remotable such as nnsight.LanguageModel(repo_id)), got "
+                f"{type(model).__module__}.{type(model).__qualname__}; pass one, or remote=False"
+            )
         self.remote = remote
         self.arch_name = _architecture_name(self.model)
         self.arch = hf_architecture(self.arch_name)
         config = self.model.config
         self._n_heads: int = config.num_attention_heads
-        self._n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self._n_heads
+        self._n_kv_heads: int = self.arch.n_kv_heads(config, self._n_heads)
         if self._n_heads % self._n_kv_heads:
             raise ValueError(
                 f"{type(self.model).__name__} has n_heads={self._n_heads}, not a multiple of "
@@ -51,7 +71,9 @@ class NNsightBackend(AttnBackend):
             )
         self._n_layers = len(_module_at(self.model, self.arch.layers_path))
         out_proj = _module_at(self.model, self.arch.out_proj_path(0))
-        # Linear has in_features; GPT-2's Conv1D stores its weight as [in, out].
+        # Linear has in_features; GPT-2's Conv1D stores its weight as [in, out]. d_head is the
+        # width of a head's z, the value width (multi-head latent attention: v_head_dim, not
+        # the query/key width).
         d_in = getattr(out_proj, "in_features", None) or out_proj.weight.shape[0]
         if d_in % self._n_heads:
             raise ValueError(
@@ -91,18 +113,44 @@ class NNsightBackend(AttnBackend):
             d_head=self._d_head,
         )
 
+    @torch.no_grad()
     def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
-        bias = getattr(
-            _module_at(self.model, self.arch.path(site.layer, self.arch.values)), "bias", None
-        )
-        if bias is None:
-            return torch.zeros(site.n_heads, site.d_head, device=self._device, dtype=self._dtype)
-        per_kv_head = self.arch.read_values(bias.detach(), site.n_kv_heads, site.d_head)
+        """``b_V' = b_V + β·W_V`` per query head: the values of a zero residual stream, whose
+        attention norm outputs its bias β (0 for RMSNorm). This is what TransformerLens's
+        ``fold_ln`` followed by ``fold_value_biases`` removes from z. A post-LN model's values
+        read the residual itself: its ``b_V'`` is ``b_V``.
+
+        Raises:
+            ValueError: the folded convention is undefined for the model (attention sinks,
+                latent or clamped values, no values module: ``HFArchitecture.folded_refusal``),
+                or its weights are on the meta device.
+        """
+        refusal = self.arch.folded_refusal(self.model.config)
+        if refusal is not None:
+            raise ValueError(
+                f"the 'folded' value-bias convention is undefined for {self.arch_name}: "
+                f"{refusal}. Valid here: convention='included' (z as the model computes it)"
+            )
+        layer = _module_at(self.model, self.arch.layers_path)[site.layer]
+        if _on_meta(layer):
+            raise ValueError(
+                f"{type(self.model).__name__} has its weights on the meta device (as nnsight "
+                "builds models for remote runs), so its value biases cannot be read here and z "
+                "cannot be delivered in the 'folded' convention; use convention='included', or "
+                "load the weights (e.g. LanguageModel(..., dispatch=True))"
+            )
+        zero = torch.zeros(1, self.model.config.hidden_size, device=self._device, dtype=self._dtype)
+        norm = self.arch.values_norm(layer, self.model.config)
+        if norm is not None:
+            zero = norm(zero)
+        out = layer.get_submodule(cast(str, self.arch.values))(zero)  # checked by the refusal
+        per_kv_head = self.arch.read_values(out[0], site.n_kv_heads, site.d_head)
         return expand_kv_heads(per_kv_head, site)
 
     @contextmanager
     def intervening(self, plan: Interventions) -> Iterator[None]:
         """Apply ``plan`` to every ``forward`` inside the block; always removed on exit."""
+        self._check_plan(plan)
         self._active.append(plan)
         try:
             yield
@@ -130,26 +178,35 @@ class NNsightBackend(AttnBackend):
         """One traced forward pass applying ``plan``; logits unless stopped early.
 
         With an attention mask, position ids count real tokens only, so left-padded rows see
-        the positions they would see alone.
+        the positions they would see alone. With patterns in the plan, the whole pass (z
+        included) runs with eager attention, and with ``output_attentions=True`` where the
+        architecture returns weights only then.
         """
+        self._check_plan(plan)
+        arch = self.arch
         stops = stop_at_layer is not None
         kwargs: dict[str, Any] = {}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if plan.patterns and arch.output_attentions:  # weights only when asked (OPT, ...)
+            kwargs["output_attentions"] = True
+        if self.remote:  # only then: nnsight.NNsight passes unknown keywords to the HF forward
+            kwargs["remote"] = True
         grad = torch.is_grad_enabled()  # the trace body runs in another thread
-        lm, arch, n_kv_heads, d_head = self.lm, self.arch, self._n_kv_heads, self._d_head
+        lm, n_kv_heads, d_head, config = self.lm, self._n_kv_heads, self._d_head, self.model.config
+        values_module = cast(str, arch.values)  # read only with values in the plan: checked
         result: dict[str, Tensor] = {}
         with (
             self._patterns_available(bool(plan.patterns)),
-            lm.trace(tokens, remote=self.remote, **kwargs) as tracer,
+            lm.trace(tokens, **kwargs) as tracer,
         ):
             result = nnsight.save({})
             with torch.set_grad_enabled(grad):
                 for layer in plan.layers:
                     for fn in plan.values.get(layer, []):
-                        out = _envoy_at(lm, arch.path(layer, arch.values)).output
-                        fn(arch.read_values(out, n_kv_heads, d_head))
+                        out = _envoy_at(lm, arch.path(layer, values_module)).output
+                        fn(arch.read_values(out, n_kv_heads, d_head, config))
                     if layer in plan.z:
                         envoy = _envoy_at(lm, arch.path(layer, arch.out_proj))
                         z = envoy.input.unflatten(-1, (-1, d_head))
@@ -175,8 +232,19 @@ class NNsightBackend(AttnBackend):
                 result["logits"] = lm.output.logits
         return result.get("logits")
 
+    def _check_plan(self, plan: Interventions) -> None:
+        if plan.values and self.arch.values is None:
+            raise ValueError(
+                f"values were requested from {self.arch_name}, and no module of it outputs them "
+                "(its architecture row has values=None), so values and DFA are not available; "
+                "z, patterns and splices are"
+            )
+
     def _patterns_available(self, needed: bool) -> Any:
-        """Run with eager attention while patterns are needed (SDPA returns no weights)."""
+        """Run the whole pass with eager attention while patterns are needed (SDPA returns no
+        weights), so that z and patterns come from the same computation: z is then the eager
+        model's, which on an SDPA Gemma-2 differs from what the SDPA model computes (its SDPA
+        path drops ``attn_logit_softcapping``)."""
         if not needed or self.model.config._attn_implementation == "eager":
             return nullcontext()
         if not self.arch.eager_patterns:
@@ -216,6 +284,10 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
 def _architecture_name(model: nn.Module) -> str:
     names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])]
     return next((name for name in names if name in HF_ARCHITECTURES), names[0])
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(param.is_meta for param in module.parameters())
 
 
 def _module_at(root: nn.Module, path: str) -> Any:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -46,9 +47,17 @@ class TransformerLensBackend(AttnBackend):
             d_head=cfg.d_head,
         )
 
+    @torch.no_grad()
     def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
-        # `b_V` expands grouped KV heads to query heads on GroupedQueryAttention.
-        return self.model.blocks[site.layer].attn.b_V.detach()
+        """``b_V + β·W_V`` per query head, β the bias of ``ln1`` where it still has one (a model
+        loaded without ``fold_ln``); ``from_pretrained``'s processing leaves zeros."""
+        block = self.model.blocks[site.layer]
+        # `b_V` and `W_V` expand grouped KV heads to query heads on GroupedQueryAttention.
+        bias = block.attn.b_V.detach()
+        ln_bias = getattr(block.ln1, "b", None)
+        if ln_bias is None:
+            return bias
+        return bias + torch.einsum("m,hmd->hd", ln_bias.to(bias.dtype), block.attn.W_V)
 
     @contextmanager
     def intervening(self, plan: Interventions) -> Iterator[None]:

@@ -17,7 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from sae_lens_attn.analysis import dfa_at_peaks, head_attribution
-from sae_lens_attn.analysis.dfa import _b_enc, encode_z, sae_convention
+from sae_lens_attn.analysis.dfa import encode_z, encoder_terms, sae_convention
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
 
@@ -143,11 +143,7 @@ def collect(
     masked = acts.masked_fill(~counted[..., None], float("-inf"))
     peak_values, peaks = masked.max(1)  # (R, F)
     shares = head_attribution(sae, model)[chosen]
-    W_enc, b_dec, b_enc = (
-        sae.W_enc.detach().float(),
-        sae.b_dec.detach().float(),
-        _b_enc(sae).float(),
-    )
+    biases = encoder_terms(sae, torch.tensor(chosen), torch.float32).bias  # DFA's bias term
     out = []
     for column, feature in enumerate(chosen):
         fires = peak_values[:, column] > 0
@@ -172,7 +168,7 @@ def collect(
                 density=float((values != 0).float().mean()) if values.numel() else 0.0,
                 histogram_edges=edges,
                 histogram_counts=counts,
-                bias=float(b_enc[feature] - b_dec @ W_enc[:, feature]),
+                bias=float(biases[column]),
                 contexts=contexts,
             )
         )

@@ -8,6 +8,7 @@ package) so the pages open from disk without a network.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tempfile
 from collections.abc import Sequence
@@ -32,12 +33,23 @@ CDN_SCRIPTS = {
 _EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
 
 
+INSTALL_HINT = "pip install 'sae-lens-attn[saedashboard]'"
+"""How to get SAEDashboard, for messages."""
+
+
+def installed() -> bool:
+    """Whether SAEDashboard (the ``saedashboard`` extra) can be imported here."""
+    return importlib.util.find_spec("sae_dashboard") is not None
+
+
 def unsupported_reason(backend: AttnBackend, sae: Any) -> str | None:
     """Why SAEDashboard cannot build this SAE's pages, or ``None`` when it can."""
     from transformer_lens import HookedTransformer
 
-    if not isinstance(backend.model, HookedTransformer):
+    if not isinstance(backend.model, HookedTransformer):  # whether or not it is installed
         return "SAEDashboard runs on TransformerLens models only"
+    if not installed():
+        return f"SAEDashboard is not installed (the saedashboard extra: {INSTALL_HINT})"
     if getattr(backend.model, "tokenizer", None) is None:
         return "SAEDashboard needs the model's tokenizer (model.tokenizer is None)"
     site = AttnSite.from_sae(sae, backend)
@@ -85,9 +97,12 @@ def feature_fragments(
     Returns:
         ``{feature: fragment}``; each fragment loads its scripts from ``assets`` only.
     """
-    from sae_dashboard.data_writing_fns import save_feature_centric_vis
-    from sae_dashboard.sae_vis_data import SaeVisConfig
-    from sae_dashboard.sae_vis_runner import SaeVisRunner
+    # The saedashboard extra: absent from the newest stack (its pins exclude TransformerLens 3).
+    from sae_dashboard.data_writing_fns import (  # pyright: ignore[reportMissingImports]
+        save_feature_centric_vis,
+    )
+    from sae_dashboard.sae_vis_data import SaeVisConfig  # pyright: ignore[reportMissingImports]
+    from sae_dashboard.sae_vis_runner import SaeVisRunner  # pyright: ignore[reportMissingImports]
 
     cfg = SaeVisConfig(
         hook_point=sae.cfg.metadata.hook_name,

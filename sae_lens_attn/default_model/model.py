@@ -48,12 +48,16 @@ CONFIG_KEYS = (
 
 
 def save_default_model(model: HookedTransformer, tokenizer: Any, directory: str | Path) -> None:
-    """Write ``model`` (config and safetensors weights) and ``tokenizer`` to ``directory``."""
+    """Write ``model`` (config and safetensors weights) and ``tokenizer`` to ``directory``.
+
+    The weights are the parameters; buffers (each attention's causal mask and ``IGNORE``) are
+    rebuilt from the config when loading.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {key: getattr(model.cfg, key) for key in CONFIG_KEYS}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     save_file(state, str(directory / WEIGHTS_FILE))
     save_tokenizer(tokenizer, directory / TOKENIZER_FILE)
 
@@ -97,16 +101,20 @@ def load_default_model(
         raise ValueError(
             f"cannot read the model weights {str(weights_path)!r} (corrupted or truncated?): {err}"
         ) from None
-    expected = model.state_dict()
+    # The weights are the parameters. Buffers (each attention's causal ``mask`` and ``IGNORE``)
+    # are rebuilt from the config: files written before this loader carry them, but their shapes
+    # depend on the TransformerLens version (3.x keeps an empty mask), so they are not loaded.
+    expected = dict(model.named_parameters())
+    buffers = {name for name, _ in model.named_buffers()}
     wrong = sorted(
         k for k in expected if k not in state or state[k].shape != expected[k].shape
-    ) + sorted(set(state) - set(expected))
+    ) + sorted(set(state) - set(expected) - buffers)
     if wrong:
         raise ValueError(
             f"the model weights {str(weights_path)!r} do not fit {directory / CONFIG_FILE}: "
             f"missing, extra or misshapen tensors {wrong}"
         )
-    model.load_state_dict(state)
+    model.load_state_dict({k: state[k] for k in expected}, strict=False)
     if torch.device(device) != torch.device("cpu"):
         model.to(device)
     model.eval()

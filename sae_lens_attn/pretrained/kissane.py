@@ -30,7 +30,7 @@ from sae_lens.util import str_to_dtype
 from torch import Tensor
 
 from sae_lens_attn.backends.base import check_convention
-from sae_lens_attn.site import AttnSite
+from sae_lens_attn.site import AttnSite, folded_model_kwargs
 
 KISSANE_CONVERSION_FUNC = "sae_lens_attn_kissane"
 """Loader name of this format in SAELens's tables and in releases' ``conversion_func``."""
@@ -154,7 +154,7 @@ def kissane_config_to_saelens(
     hf_architecture = rest.pop("hf_architecture", None)
     kwargs = dict(rest.pop("model_from_pretrained_kwargs", None) or {})
     if convention == "folded":
-        kwargs.setdefault("fold_value_biases", True)
+        kwargs = folded_model_kwargs(kwargs)
     top_level = {key: rest.pop(key) for key in list(rest) if key in _SAE_CONFIG_FIELDS}
     metadata: dict[str, Any] = {
         "sae_lens_version": sae_lens.__version__,

@@ -17,13 +17,14 @@ NOT_MEASURED = "—"
 
 _CONVENTION_NOTES = {
     "folded": (
-        "z without the value bias b_V: load the TransformerLens model with "
-        "`fold_value_biases=True` (the default of `HookedTransformer.from_pretrained`); the "
-        "SAEs' `model_from_pretrained_kwargs` say so."
+        "z without the value bias `b_V + β·W_V` (β the bias of the attention's LayerNorm): the "
+        "hook_z of `HookedTransformer.from_pretrained` with its default processing (`fold_ln`, "
+        "then `fold_value_biases`); the SAEs' `model_from_pretrained_kwargs` spell it out for "
+        "SAELens's loaders."
     ),
     "included": (
-        "z with the value bias b_V, as Hugging Face models compute it: load the TransformerLens "
-        "model with `fold_value_biases=False` (or `from_pretrained_no_processing`)."
+        "z with the value bias `b_V + β·W_V`, as Hugging Face models compute it: load the "
+        "TransformerLens model with `from_pretrained_no_processing`."
     ),
 }
 

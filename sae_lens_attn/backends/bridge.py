@@ -1,0 +1,422 @@
+"""TransformerBridge backend: z, patterns and values of TransformerLens 3's bridge over an HF model.
+
+``TransformerBridge`` wraps a Hugging Face model in bridge components and names their hook points
+as TransformerLens does. Each attention component ``blocks.L.attn`` declares its own aliases
+(``hook_z`` → ``o.hook_in``, ``hook_v`` → ``v.hook_out``); this backend resolves them on the
+component, not through ``bridge.hook_dict``, so it also works on SAELens's
+``SAETransformerBridge``, whose ``hook_dict`` drops the aliases. It attaches plain torch forward
+hooks and reshapes the raw tensors itself (``[batch, pos, n_heads * d_head]`` →
+``[batch, pos, n_heads, d_head]``), so it does not depend on the hook points' reshaping rule
+either, which SAELens's ``reset_saes()`` discards.
+
+Value-bias convention, as measured on the tiny GPT-2, Llama and GPT-NeoX test models: a bridge
+booted by ``boot_transformers`` runs the HF weights unprocessed, so its z is the HF ``o_proj``
+input and carries ``b_V' = b_V + β·W_V`` (``"included"``). ``enable_compatibility_mode()`` folds
+LayerNorm and value biases (``fold_ln``, ``fold_value_biases``): z then lacks exactly ``b_V'``
+(≤ 2e-6) and is ``"folded"``. ``value_bias`` returns what is still in z (the values of a zero
+residual stream through the bridge's own ``ln1`` and ``attn.v``), so both conventions convert
+exactly, except ``"included"`` on a bridge that folded its value biases away: that is refused.
+
+SAELens's ``SAETransformerBridge`` loses ``hook_z`` (and every other alias), and after
+``reset_saes()`` leaves the hook point it spliced at flattened and misnamed; ``sae_bridge`` boots
+one with these worked around (see ``docs/upstream.md`` for the upstream fix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens.analysis.hooked_sae_transformer import set_deep_attr
+from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import (  # pyright: ignore[reportMissingImports]
+    TransformerBridge,  # TransformerLens >= 3 only: this module is imported only for bridges
+)
+
+from sae_lens_attn.architectures import HF_ARCHITECTURES, HFArchitecture
+from sae_lens_attn.backends.base import (
+    ActivationFn,
+    AttnBackend,
+    Captures,
+    InterventionKind,
+    Interventions,
+    ZReplacement,
+    check_convention,
+    expand_kv_heads,
+)
+from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
+
+_TL_HOOK: dict[InterventionKind, str] = {
+    "z": "hook_z",
+    "values": "hook_v",
+    "patterns": "hook_pattern",
+}
+"""The TransformerLens hook name (an alias on the bridge's attention component) of each kind."""
+_SITE_HOOK: dict[InterventionKind, str] = {
+    "z": "hook_name",
+    "values": "values_hook_name",
+    "patterns": "pattern_hook_name",
+}
+"""The ``AttnSite`` property naming the hook of each kind, for messages."""
+
+
+class BridgeBackend(AttnBackend):
+    """Captures and splices z on a ``transformer_lens.model_bridge.TransformerBridge``.
+
+    Args:
+        bridge: a bridge over a decoder-only model (``bridge.blocks[L].attn``), plain or
+            SAELens's ``SAETransformerBridge``, with or without compatibility mode.
+
+    Raises:
+        TypeError: ``bridge`` is not a ``TransformerBridge``.
+        ValueError: the bridge has no ``blocks`` with an ``attn`` component, or its heads do
+            not form whole grouped-query groups.
+    """
+
+    name = "bridge"
+
+    def __init__(self, bridge: TransformerBridge) -> None:
+        if not isinstance(bridge, TransformerBridge):
+            raise TypeError(
+                f"BridgeBackend needs a transformer_lens.model_bridge.TransformerBridge, got "
+                f"{type(bridge).__module__}.{type(bridge).__qualname__}"
+            )
+        blocks = getattr(bridge, "blocks", None)
+        if blocks is None or not all(hasattr(block, "attn") for block in blocks):
+            raise ValueError(
+                f"the {bridge.cfg.architecture} bridge has no decoder blocks with an attention "
+                "component (bridge.blocks[L].attn), which hook_z SAEs read; encoder-decoder "
+                "and block-list variants (encoder_blocks, L_blocks, ...) are not supported"
+            )
+        self.model = bridge
+        cfg = bridge.cfg
+        self._n_layers = len(blocks)
+        self._n_heads: int = cfg.n_heads
+        self._n_kv_heads: int = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        self._d_head: int = cfg.d_head
+        self.site(0)  # AttnSite validates the head structure (whole grouped-query groups)
+        self._probing = False
+
+    @property
+    def tokenizer(self) -> Any:
+        """The bridge's tokenizer, for callers that tokenize text."""
+        return self.model.tokenizer
+
+    @property
+    def n_layers(self) -> int:
+        return self._n_layers
+
+    @property
+    def hf_architecture_name(self) -> str | None:
+        names = [type(self.model.original_model).__name__, self.model.cfg.architecture]
+        return next((name for name in names if name in HF_ARCHITECTURES), None)
+
+    @property
+    def native_convention(self) -> ValueBiasConvention:
+        """``"included"`` where the model has value biases in z (a bridge as booted), else
+        ``"folded"`` (compatibility mode folded them, or the model has none). Where the folded
+        convention is undefined (attention sinks, ...), ``"included"``: z as computed."""
+        if self._folded_refusal() is not None:
+            return "included"
+        return super().native_convention
+
+    def site(self, layer: int) -> AttnSite:
+        return AttnSite(
+            layer=check_layer(layer, self._n_layers),
+            n_heads=self._n_heads,
+            n_kv_heads=self._n_kv_heads,
+            d_head=self._d_head,
+        )
+
+    @torch.no_grad()
+    def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
+        """What of ``b_V' = b_V + β·W_V`` is still in z, per query head: the values of a zero
+        residual stream through the block's ``ln1`` and ``attn.v`` as the bridge runs them now
+        (``b_V'`` as booted, zeros once compatibility mode has folded the value biases; a
+        post-LN model's values read the residual itself, without ``ln1``).
+
+        Raises:
+            ValueError: the folded convention is undefined for the architecture (attention
+                sinks, latent values), or the attention component has no ``v`` projection.
+        """
+        refusal = self._folded_refusal()
+        if refusal is not None:
+            raise ValueError(
+                f"the 'folded' value-bias convention is undefined for {self.hf_architecture_name}: "
+                f"{refusal}. Valid here: convention='included' (z as the model computes it)"
+            )
+        block = self.model.blocks[site.layer]
+        values = getattr(block.attn, "v", None)
+        if values is None:
+            raise ValueError(
+                f"the attention of {site.hook_name} has no value projection attn.v, so its value "
+                "bias b_V' cannot be read and z cannot be delivered in the 'folded' convention; "
+                "use convention='included'"
+            )
+        param = next(self.model.parameters())
+        residual = torch.zeros(1, 1, self.model.cfg.d_model, device=param.device, dtype=param.dtype)
+        with self._probe():  # our own hooks must not record this pass
+            normed = block.ln1(residual) if self._norm_feeds_values() else residual
+            out = values(normed)
+        per_kv_head = _split_heads(out, site.n_kv_heads, site.d_head, site.values_hook_name)
+        return expand_kv_heads(per_kv_head[0, 0], site)
+
+    @contextmanager
+    def capturing(
+        self,
+        sites: Iterable[AttnSite],
+        *,
+        pattern: bool = False,
+        values: bool = False,
+        convention: ValueBiasConvention = "folded",
+    ) -> Iterator[Captures]:
+        """``AttnBackend.capturing``, refusing ``"included"`` where the value biases are gone."""
+        self._check_deliverable(convention)
+        with super().capturing(
+            sites, pattern=pattern, values=values, convention=convention
+        ) as captures:
+            yield captures
+
+    @contextmanager
+    def splicing(
+        self,
+        replacements: Mapping[AttnSite, ZReplacement],
+        *,
+        convention: ValueBiasConvention = "folded",
+    ) -> Iterator[None]:
+        """``AttnBackend.splicing``, refusing ``"included"`` where the value biases are gone."""
+        self._check_deliverable(convention)
+        with super().splicing(replacements, convention=convention):
+            yield
+
+    @contextmanager
+    def intervening(self, plan: Interventions) -> Iterator[None]:
+        """Attach the plan's callbacks as forward hooks on the attention's hook points (resolved
+        through its aliases: ``hook_z`` is ``o.hook_in``); always detach them."""
+        handles = []
+        try:
+            for kind, layer, fn in plan.items():
+                site = self.site(layer)
+                point = self._hook_point(site, kind)
+                handles.append(point.register_forward_hook(self._torch_hook(kind, site, fn)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(
+        self,
+        tokens: Int[Tensor, " batch pos"],
+        *,
+        stop_at_layer: int | None = None,
+        attention_mask: Int[Tensor, " batch pos"] | None = None,
+    ) -> Float[Tensor, " batch pos d_vocab"] | None:
+        """The bridge's forward; with an attention mask it derives position ids from it, so
+        left-padded rows see the positions they would see alone."""
+        if stop_at_layer is not None:
+            self.model(
+                tokens, return_type=None, stop_at_layer=stop_at_layer, attention_mask=attention_mask
+            )
+            return None
+        return self.model(tokens, return_type="logits", attention_mask=attention_mask)
+
+    def _hook_point(self, site: AttnSite, kind: InterventionKind) -> nn.Module:
+        """The module at the attention's hook of ``kind`` (a ``HookPoint``, or the SAE wrapper
+        that SAELens put in its place)."""
+        attn = self.model.blocks[site.layer].attn
+        alias = _TL_HOOK[kind]
+        target = attn.hook_aliases.get(alias, alias)
+        for path in [target] if isinstance(target, str) else target:
+            try:
+                return attn.get_submodule(path)
+            except AttributeError:
+                continue
+        raise ValueError(
+            f"the {self.model.cfg.architecture} bridge's attention at layer {site.layer} has no "
+            f"{alias} (looked for {target!r} in blocks.{site.layer}.attn), so {kind} cannot be "
+            f"captured there; its hooks: {sorted(attn.get_hooks())}"
+        )
+
+    def _torch_hook(
+        self, kind: InterventionKind, site: AttnSite, fn: ActivationFn
+    ) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
+        """A torch forward hook giving ``fn`` the activation in TransformerLens shape; a z that
+        ``fn`` returns goes back into the model in the raw layout."""
+        heads = site.n_kv_heads if kind == "values" else site.n_heads
+        name = getattr(site, _SITE_HOOK[kind])
+
+        def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor | None:
+            if self._probing:
+                return None
+            if kind == "patterns":
+                fn(_pattern(output, site))
+                return None
+            new = fn(_split_heads(output, heads, site.d_head, name))
+            if kind != "z" or new is None:
+                return None
+            return new.reshape(output.shape)
+
+        return hook
+
+    @contextmanager
+    def _probe(self) -> Iterator[None]:
+        """Silence this backend's hooks while ``value_bias`` runs bridge components itself."""
+        before, self._probing = self._probing, True
+        try:
+            yield
+        finally:
+            self._probing = before
+
+    def _check_deliverable(self, convention: str) -> None:
+        """Raise unless z can be delivered in ``convention`` on this bridge."""
+        if check_convention(convention) == "included" and self._value_biases_folded_away():
+            raise ValueError(
+                "z was asked for in the 'included' value-bias convention (z with b_V + β·W_V, "
+                "as an SAE recording value_bias_convention='included' was trained on), but this "
+                f"{type(self.model).__name__} runs in compatibility mode with its value biases "
+                "folded into b_O (enable_compatibility_mode() folds them by default), so its z is "
+                "in the 'folded' convention and b_V + β·W_V cannot be restored. Valid on this "
+                "bridge: convention='folded'. For an 'included' SAE, use a bridge without "
+                "enable_compatibility_mode(), or with enable_compatibility_mode("
+                "fold_value_biases=False)"
+            )
+
+    def _value_biases_folded_away(self) -> bool:
+        """Whether compatibility mode removed value biases that the model's modules hold: a
+        bias parameter in ``attn.v`` or ``ln1`` while nothing of ``b_V'`` is left in z."""
+        if not self.model.compatibility_mode:
+            return False
+        modules = [m for b in self.model.blocks for m in (getattr(b.attn, "v", None), b.ln1)]
+        holds_biases = any(
+            name.endswith("bias")
+            for module in modules
+            if module is not None
+            for name, _ in module.named_parameters()
+        )
+        return holds_biases and self.native_convention == "folded"
+
+    def _arch(self) -> HFArchitecture | None:
+        name = self.hf_architecture_name
+        return None if name is None else HF_ARCHITECTURES[name]
+
+    def _folded_refusal(self) -> str | None:
+        arch = self._arch()
+        return None if arch is None else arch.folded_refusal(self.model.original_model.config)
+
+    def _norm_feeds_values(self) -> bool:
+        """Pre-LN (``ln1`` feeds the values) unless the architecture row says otherwise."""
+        arch = self._arch()
+        return arch is None or arch.norm_feeds_values(self.model.original_model.config)
+
+
+def _split_heads(
+    raw: Float[Tensor, " batch pos width"], heads: int, d_head: int, hook_name: str
+) -> Float[Tensor, " batch pos heads d_head"]:
+    """``[batch, pos, heads * d_head]`` (or already ``[batch, pos, heads, d_head]``) per head."""
+    if raw.ndim == 4 and raw.shape[-2:] == (heads, d_head):
+        return raw
+    if raw.ndim != 3 or raw.shape[-1] != heads * d_head:
+        raise RuntimeError(
+            f"{hook_name} on the bridge gave shape {tuple(raw.shape)}; expected [batch, pos, "
+            f"{heads * d_head}] or [batch, pos, {heads}, {d_head}] ({heads} heads of {d_head})"
+        )
+    return raw.unflatten(-1, (heads, d_head))
+
+
+def _pattern(raw: Tensor, site: AttnSite) -> Float[Tensor, " batch n_heads q k"]:
+    if raw.ndim != 4 or raw.shape[1] != site.n_heads:
+        raise RuntimeError(
+            f"{site.pattern_hook_name} on the bridge gave shape {tuple(raw.shape)}; expected "
+            f"[batch, {site.n_heads}, q, k]"
+        )
+    return raw
+
+
+class HookZSAETransformerBridge(SAETransformerBridge):
+    """SAELens's ``SAETransformerBridge`` with its hook_z bugs worked around (SAELens 6.54.12).
+
+    - ``hook_dict`` keeps ``TransformerBridge``'s aliases (``blocks.L.attn.hook_z``,
+      ``hook_v``, ...): SAELens's override lists the registry only, so ``run_with_cache`` and
+      ``run_with_hooks`` on ``hook_z`` silently see nothing, and SAELens's ``ActivationsStore``
+      finds no ``hook_z``.
+    - removing an SAE (``reset_saes``, the end of ``run_with_saes``) puts back the hook point
+      the SAE replaced. SAELens puts a new ``HookPoint()`` there, without the reshaping rule (so
+      ``o.hook_in``, i.e. ``hook_z``, stays flattened ``[batch, pos, d_in]``) and renamed
+      ``"hook_in"`` by the bridge component it is set on (so ``run_with_hooks`` on it by name
+      silently adds nothing).
+    - an SAE on hook_z that an inner ``saes()`` context (or ``run_with_saes``) puts back gets its
+      hook_z reshaping turned on again when it is finally removed: SAELens leaves it off, so the
+      SAE no longer takes ``[..., n_heads, d_head]`` input.
+
+    Boot one with ``sae_bridge``. The upstream fix is in ``docs/upstream.md``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._replaced_hook_points: dict[str, HookPoint] = {}
+
+    @classmethod
+    def boot_transformers(  # type: ignore[override]
+        cls, model_name: str, **kwargs: Any
+    ) -> HookZSAETransformerBridge:
+        bridge: Any = super().boot_transformers(model_name, **kwargs)  # re-classes the bridge
+        bridge._replaced_hook_points = {}
+        return bridge
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        hooks = super().hook_dict
+        self._add_aliases_to_hooks(hooks)
+        return hooks
+
+    def add_sae(self, sae: Any, use_error_term: bool | None = None) -> None:
+        target = self._resolve_hook_name(
+            sae.cfg.metadata.hook_name_out or sae.cfg.metadata.hook_name
+        )
+        point = self._hook_registry.get(target)
+        super().add_sae(sae, use_error_term=use_error_term)
+        if isinstance(point, HookPoint) and self._hook_registry.get(target) is not point:
+            self._replaced_hook_points.setdefault(target, point)
+        wrapper = self._acts_to_saes.get(sae.cfg.metadata.hook_name)
+        if wrapper is not None and wrapper.sae is sae and sae.cfg.reshape_activations == "hook_z":
+            # SAELens marks it only when it turned the SAE's reshaping off itself, so an SAE put
+            # back by an inner saes() context (already off) would stay off for good.
+            wrapper.bridge_disabled_hook_z_reshaping = True  # pyright: ignore[reportArgumentType]
+
+    def _reset_sae(self, act_name: str, prev_wrapper: Any = None) -> None:
+        target = self._transcoder_output_hooks.get(act_name) or self._resolve_hook_name(act_name)
+        super()._reset_sae(act_name, prev_wrapper)
+        original = self._replaced_hook_points.get(target)
+        if original is None or not isinstance(self._hook_registry.get(target), HookPoint):
+            return  # nothing replaced here, or an SAE (prev_wrapper) is attached there again
+        set_deep_attr(self, target, original)
+        original.name = target  # set_deep_attr renamed it to its attribute name
+        self._hook_registry[target] = original
+        del self._replaced_hook_points[target]
+
+
+def sae_bridge(model_name: str, **boot_kwargs: Any) -> HookZSAETransformerBridge:
+    """SAELens's ``SAETransformerBridge.boot_transformers(model_name, **boot_kwargs)``, with
+    ``hook_z`` kept in ``hook_dict``, and the hook points SAEs replaced put back as they were
+    (shape and name) when the SAEs are removed.
+
+    Args:
+        model_name: the name ``TransformerBridge.boot_transformers`` takes (a Hub id, or any
+            name with ``hf_model=``).
+        boot_kwargs: ``TransformerBridge.boot_transformers``'s keywords (``hf_model``,
+            ``tokenizer``, ``device``, ``dtype``, ...).
+
+    Returns:
+        An ``SAETransformerBridge`` (``add_sae``, ``run_with_saes``, ...) on which hook_z
+        SAEs train through SAELens's runner and splice back.
+
+    Example:
+        >>> bridge = sae_bridge("gpt2", device="cpu")
+        >>> logits = bridge.run_with_saes(tokens, saes=[sae])  # sae on blocks.5.attn.hook_z
+    """
+    return HookZSAETransformerBridge.boot_transformers(model_name, **boot_kwargs)

@@ -81,6 +81,7 @@ shape = (
 )
 D_IN = shape["n_embd"]
 SINGLE = 5  # the layer of the single-layer rows
+BRIDGE_OWN_STOP = "plain, 12 layers, bridge's own stop"
 all_layers = list(range(shape["n_layer"]))
 hf_config = GPT2Config(
     n_positions=max(args.ctx, 128),
@@ -183,10 +184,16 @@ def plain_hf(layers: list[int]) -> Callable[[], None]:
     return lambda: _check(run(), layers)
 
 
-def plain_hook_z(model: Any, layers: list[int]) -> Callable[[], None]:
+def plain_hook_z(model: Any, layers: list[int], *, stop_after_block: bool) -> Callable[[], None]:
     """z of ``layers`` from hooks on ``blocks.L.attn.hook_z`` (HookedTransformer or bridge),
-    with the model's own ``stop_at_layer``. The hook points are looked up once, here."""
+    with the model's own ``stop_at_layer``. The hook points are looked up once, here.
+
+    ``stop_after_block`` also raises once block ``max(layers)`` has run: the bridge stops only
+    at the start of block ``stop_at_layer``, so with the last layer needed being the model's
+    last it runs ``ln_final`` and the unembedding too (the store's bridge backend stops there).
+    HookedTransformer's ``stop_at_layer`` returns after the last block itself."""
     points = [model.hook_dict[f"blocks.{layer}.attn.hook_z"] for layer in layers]
+    last_block = model.blocks[max(layers)] if stop_after_block else None
 
     def run() -> dict[int, torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}
@@ -199,14 +206,23 @@ def plain_hook_z(model: Any, layers: list[int]) -> Callable[[], None]:
 
         for layer, point in zip(layers, points, strict=True):
             point.add_hook(grab(layer))
+        stop = None if last_block is None else last_block.register_forward_hook(_raise_stop)
         try:
             model(tokens, return_type=None, stop_at_layer=max(layers) + 1)
+        except _Stop:
+            pass
         finally:
             for point in points:
                 point.remove_hooks()
+            if stop is not None:
+                stop.remove()
         return seen
 
     return lambda: _check(run(), layers)
+
+
+def _raise_stop(*_: Any) -> None:
+    raise _Stop
 
 
 def _check(seen: dict[int, torch.Tensor], layers: list[int]) -> None:
@@ -253,10 +269,18 @@ def contenders(
 
 print("contenders:")
 backends: dict[str, dict[str, Callable[[], None]]] = {
-    "HookedTransformer": contenders(tl, lambda layers: plain_hook_z(tl, layers)),
+    "HookedTransformer": contenders(
+        tl, lambda layers: plain_hook_z(tl, layers, stop_after_block=False)
+    ),
 }
 if bridge is not None:
-    backends["TransformerBridge"] = contenders(bridge, lambda layers: plain_hook_z(bridge, layers))
+    backends["TransformerBridge"] = contenders(
+        bridge, lambda layers: plain_hook_z(bridge, layers, stop_after_block=True)
+    )
+    # What the bridge's own stop_at_layer=12 costs: it runs ln_final and the unembedding.
+    backends["TransformerBridge"][BRIDGE_OWN_STOP] = plain_hook_z(
+        bridge, all_layers, stop_after_block=False
+    )
 backends["nnsight (HF GPT2LMHeadModel)"] = contenders(hf, plain_hf)
 
 load_before = os.getloadavg()
@@ -352,6 +376,13 @@ for name in backends:
     )
 if bridge is None:
     print(f"| TransformerBridge | skipped: {bridge_skipped} | | | | |")
+else:
+    own_stop = per_round_ratio("TransformerBridge", BRIDGE_OWN_STOP, "plain, 12 layers")
+    print(
+        f"TransformerBridge's own stop_at_layer=12 (runs ln_final and the unembedding too): "
+        f"{tokens_per_s('TransformerBridge', BRIDGE_OWN_STOP):.0f} tokens/s, {own_stop:.2f}× "
+        "the time of the plain forward stopped after block 11"
+    )
 print(f"nnsight's HF model runs {hf.config._attn_implementation!r} attention")
 if args.smoke:
     print("smoke shapes: fixed per-pass overheads dominate; the targets apply at full size")

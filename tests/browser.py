@@ -45,7 +45,7 @@ class PageReport:
     """PNG of the page."""
 
 
-def open_page(page: Path, check: str, *, timeout: float = 30.0, settle: float = 0.5) -> PageReport:
+def open_page(page: Path, check: str, *, timeout: float = 120.0, settle: float = 0.5) -> PageReport:
     """Load ``page`` in headless Chromium, evaluate ``check`` (JavaScript), take a screenshot."""
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         proc = subprocess.Popen(

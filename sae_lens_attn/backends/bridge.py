@@ -217,13 +217,26 @@ class BridgeBackend(AttnBackend):
         attention_mask: Int[Tensor, " batch pos"] | None = None,
     ) -> Float[Tensor, " batch pos d_vocab"] | None:
         """The bridge's forward; with an attention mask it derives position ids from it, so
-        left-padded rows see the positions they would see alone."""
-        if stop_at_layer is not None:
+        left-padded rows see the positions they would see alone.
+
+        The bridge stops at the start of block ``stop_at_layer``; there is none after the last
+        block, so ``stop_at_layer=n_layers`` is stopped here once the last block has run
+        (the bridge alone would run ``ln_final`` and the unembedding, on GPT-2 small as much
+        compute as five layers)."""
+        if stop_at_layer is None:
+            return self.model(tokens, return_type="logits", attention_mask=attention_mask)
+        last_block = self.model.blocks[-1] if stop_at_layer == self._n_layers else None
+        handle = None if last_block is None else last_block.register_forward_hook(_stop_here)
+        try:
             self.model(
                 tokens, return_type=None, stop_at_layer=stop_at_layer, attention_mask=attention_mask
             )
-            return None
-        return self.model(tokens, return_type="logits", attention_mask=attention_mask)
+        except _AfterLastBlock:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        return None
 
     def _hook_point(self, site: AttnSite, kind: InterventionKind) -> nn.Module:
         """The module at the attention's hook of ``kind`` (a ``HookPoint``, or the SAE wrapper
@@ -312,6 +325,14 @@ class BridgeBackend(AttnBackend):
         """Pre-LN (``ln1`` feeds the values) unless the architecture row says otherwise."""
         arch = self._arch()
         return arch is None or arch.norm_feeds_values(self.model.original_model.config)
+
+
+class _AfterLastBlock(Exception):
+    """Stops a ``stop_at_layer=n_layers`` pass once the last block has run."""
+
+
+def _stop_here(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+    raise _AfterLastBlock
 
 
 def _split_heads(

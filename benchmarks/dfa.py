@@ -34,7 +34,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
-from sae_lens_attn.analysis.dfa import feature_acts
+from sae_lens_attn.analysis.attribution import feature_acts
 from sae_lens_attn.analysis.dfa_peaks import peak_dfa
 
 parser = argparse.ArgumentParser(

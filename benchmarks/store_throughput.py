@@ -354,7 +354,7 @@ for name, contender_times in times.items():
     for contender in contender_times:
         seconds = statistics.median(contender_times[contender])
         print(
-            f"    {contender:<32} {tokens_per_s(name, contender):>10.0f} tokens/s"
+            f"    {contender:<36} {tokens_per_s(name, contender):>10.0f} tokens/s"
             f"   ({seconds * 1e3:.0f} ms)"
         )
 

@@ -91,7 +91,7 @@ def _matrix_module() -> Any:
 
 def _refusals(matrix: Any) -> dict[str, str]:
     """Why the folded convention is refused, per case that refuses it, in the library's words."""
-    from sae_lens_attn.architectures import hf_architecture
+    from sae_lens_attn.backends.architectures import hf_architecture
 
     reasons: dict[str, str] = {}
     for key, case in matrix.CASES.items():

@@ -8,11 +8,18 @@ loader tables (idempotent, no network), and changes nothing else.
 
 from sae_lens_attn import analysis
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
+from sae_lens_attn.backends.hooked import HookedHFModel, hooked
 from sae_lens_attn.backends.nnsight import NNsightBackend
 from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
+from sae_lens_attn.config.registration import register_training_classes
+from sae_lens_attn.config.sae_configs import (
+    AttnBatchTopKTrainingSAEConfig,
+    AttnJumpReLUTrainingSAEConfig,
+    AttnStandardTrainingSAEConfig,
+    AttnTopKTrainingSAEConfig,
+)
 from sae_lens_attn.default_model import load_default_model, register_default_release
 from sae_lens_attn.evaluation import Evaluation, evaluate
-from sae_lens_attn.hooked import HookedHFModel, hooked
 from sae_lens_attn.pretrained import (
     RELEASES_ENV_VAR,
     PublishResult,
@@ -25,23 +32,16 @@ from sae_lens_attn.pretrained import (
     register_release,
     unregister_release,
 )
-from sae_lens_attn.registration import register_training_classes
-from sae_lens_attn.resampling import (
+from sae_lens_attn.site import AttnSite, ValueBiasConvention
+from sae_lens_attn.store import AttnActivationStore, TokenBatches
+from sae_lens_attn.training.resampling import (
     ResampleSchedule,
     ResampleWarmupLR,
     cosine_warmup_factor,
     resample_dead_features,
     select_dead_features,
 )
-from sae_lens_attn.sae_config import (
-    AttnBatchTopKTrainingSAEConfig,
-    AttnJumpReLUTrainingSAEConfig,
-    AttnStandardTrainingSAEConfig,
-    AttnTopKTrainingSAEConfig,
-)
-from sae_lens_attn.site import AttnSite, ValueBiasConvention
-from sae_lens_attn.store import AttnActivationStore, TokenBatches
-from sae_lens_attn.training import attn_sae_training_config, train_attn_saes
+from sae_lens_attn.training.train import attn_sae_training_config, train_attn_saes
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from sae_lens_attn.cli import main
+from sae_lens_attn.cli.main import main
 
 sys.exit(main())

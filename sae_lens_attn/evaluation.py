@@ -44,7 +44,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_lens_attn.analysis.dfa import encode_z, sae_convention
+from sae_lens_attn.analysis.attribution import encode_z, sae_convention
 from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.backends.base import check_convention
 from sae_lens_attn.site import AttnSite, ValueBiasConvention

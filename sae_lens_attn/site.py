@@ -6,8 +6,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from sae_lens_attn.architectures import hf_architecture
-
 if TYPE_CHECKING:
     from sae_lens import SAE
 
@@ -130,10 +128,6 @@ class AttnSite:
     def head_slice(self, head: int) -> slice:
         """Rows of the flattened z (and of W_enc) that belong to ``head``."""
         return slice(head * self.d_head, (head + 1) * self.d_head)
-
-    def hf_module_path(self, architecture: str) -> str:
-        """Module whose input is z in a Hugging Face model of class ``architecture``."""
-        return hf_architecture(architecture).out_proj_path(self.layer)
 
     @staticmethod
     def layer_of(hook_name: str) -> int:

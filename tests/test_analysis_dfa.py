@@ -20,7 +20,7 @@ from sae_lens import (
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, backend_for
-from sae_lens_attn.analysis.dfa import encode_z
+from sae_lens_attn.analysis.attribution import encode_z
 
 from .hf_twins import PAD_ID, VOCAB_SIZE, build_hf
 from .test_dfa_sae_flags import sae_lens_encode

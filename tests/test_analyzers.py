@@ -126,7 +126,7 @@ def test_induction_heads_out_of_range_are_refused(model) -> None:
 
 
 def test_cli_analyze_writes_tables_and_plots(tmp_path) -> None:
-    from sae_lens_attn.cli import main
+    from sae_lens_attn.cli.main import main
 
     from .hf_twins import build_hf, make_tokenizer
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, NNsightBackend, backend_for
-from sae_lens_attn import architectures as arch_table
+from sae_lens_attn.backends import architectures as arch_table
 
 VOCAB = 64
 CTX = 32

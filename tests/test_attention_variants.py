@@ -27,7 +27,7 @@ from torch import Tensor
 
 import sae_lens_attn as sla
 from sae_lens_attn import NNsightBackend, backend_for
-from sae_lens_attn import architectures as arch_table
+from sae_lens_attn.backends import architectures as arch_table
 
 from .hf_twins import VOCAB_SIZE, build_hf, supports_sdpa
 from .test_analysis_dfa import random_sae

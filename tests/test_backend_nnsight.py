@@ -10,7 +10,7 @@ import transformers
 from nnsight.modeling.transformers import TransformersModel
 
 from sae_lens_attn import AttnActivationStore, AttnSite, NNsightBackend, backend_for
-from sae_lens_attn import architectures as arch_table
+from sae_lens_attn.backends import architectures as arch_table
 
 from .hf_twins import ALL_ARCHITECTURES, PAD_ID, VOCAB_SIZE, build_hf, make_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 from sae_lens import SAE
 
 import sae_lens_attn as sla
-from sae_lens_attn.cli import main
+from sae_lens_attn.cli.main import main
 
 ROOT = Path(__file__).parent.parent
 

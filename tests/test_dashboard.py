@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
-from sae_lens_attn.cli import main
-from sae_lens_attn.dashboard import build_dashboard, collect, saedashboard
+from sae_lens_attn.cli.main import main
+from sae_lens_attn.viz.dashboard import build_dashboard, collect, saedashboard
 
 from .browser import CHROMIUM, open_page
 from .conftest import build_model

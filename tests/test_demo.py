@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from sae_lens_attn.cli import build_parser, main
-from sae_lens_attn.demo import MARKER, DemoOptions, run_demo
+from sae_lens_attn.cli.main import build_parser, main
+from sae_lens_attn.default_model.demo import MARKER, DemoOptions, run_demo
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
-from sae_lens_attn.analysis.dfa import NORMALISATIONS, check_device
+from sae_lens_attn.analysis.attribution import NORMALISATIONS, check_device
 
 from .conftest import build_model
 from .hf_twins import VOCAB_SIZE, build_hf

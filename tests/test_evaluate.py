@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
-from sae_lens_attn.cli import main
+from sae_lens_attn.cli.main import main
 
 from .conftest import D_VOCAB, N_CTX
 from .hf_twins import VOCAB_SIZE, build_hf, build_twin, make_tokenizer

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from sae_lens_attn import plots
+from sae_lens_attn.viz import plots
 
 
 def png_size(path) -> tuple[int, int]:

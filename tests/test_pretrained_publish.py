@@ -21,7 +21,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from safetensors.torch import load_file
 
 import sae_lens_attn as sla
-from sae_lens_attn.cli import main
+from sae_lens_attn.cli.main import main
 from sae_lens_attn.pretrained.model_card import head_shares
 
 from .hub_cache import add_repo, folder_files, use_hub_cache

@@ -15,7 +15,7 @@ import yaml
 from sae_lens import SAE
 
 import sae_lens_attn as sla
-from sae_lens_attn.resampling import cosine_warmup_factor
+from sae_lens_attn.training.resampling import cosine_warmup_factor
 
 from .test_folded_model_kwargs import FROM_PRETRAINED_DEFAULTS
 

@@ -18,7 +18,7 @@ from sae_lens import (
 from sae_lens.saes.sae import TrainingSAE
 
 import sae_lens_attn as sla
-from sae_lens_attn.resampling import (
+from sae_lens_attn.training.resampling import (
     ResampleSchedule,
     ResampleWarmupLR,
     cosine_warmup_factor,

@@ -24,7 +24,8 @@ from sae_lens import (
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
 
 import sae_lens_attn as sla
-from sae_lens_attn import AttnSite, backend_for, registration
+from sae_lens_attn import AttnSite, backend_for
+from sae_lens_attn.config import registration
 
 from .conftest import D_VOCAB, N_CTX
 
@@ -216,15 +217,15 @@ def test_unknown_architecture_lists_valid_ones(model) -> None:
 
 
 def test_registration_is_idempotent() -> None:
-    import sae_lens_attn.sae_config as sae_config
+    import sae_lens_attn.config.sae_configs as sae_config
 
     importlib.reload(sae_config)
-    importlib.reload(importlib.import_module("sae_lens_attn.registration"))
+    importlib.reload(importlib.import_module("sae_lens_attn.config.registration"))
     importlib.reload(sla)
     registration.register_training_classes()
     assert (
         SAE_TRAINING_CLASS_REGISTRY["attn_topk"][1]
-        is importlib.import_module("sae_lens_attn.sae_config").AttnTopKTrainingSAEConfig
+        is importlib.import_module("sae_lens_attn.config.sae_configs").AttnTopKTrainingSAEConfig
     )
     subprocess.run(
         [sys.executable, "-c", "import sae_lens_attn, importlib; importlib.reload(sae_lens_attn)"],

@@ -5,6 +5,7 @@ import torch
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
+from sae_lens_attn.backends.architectures import hf_architecture
 
 
 def test_site_from_model_reads_head_structure(model, gqa_model) -> None:
@@ -20,9 +21,18 @@ def test_hook_names_and_module_paths_come_from_the_site() -> None:
     site = AttnSite(layer=3, n_heads=8, n_kv_heads=2, d_head=16)
     assert site.pattern_hook_name == "blocks.3.attn.hook_pattern"
     assert site.values_hook_name == "blocks.3.attn.hook_v"
-    assert site.hf_module_path("GPT2LMHeadModel") == "transformer.h.3.attn.c_proj"
-    assert site.hf_module_path("LlamaForCausalLM") == "model.layers.3.self_attn.o_proj"
-    assert site.hf_module_path("GPTNeoXForCausalLM") == "gpt_neox.layers.3.attention.dense"
+    assert (
+        hf_architecture("GPT2LMHeadModel").out_proj_path(site.layer)
+        == "transformer.h.3.attn.c_proj"
+    )
+    assert (
+        hf_architecture("LlamaForCausalLM").out_proj_path(site.layer)
+        == "model.layers.3.self_attn.o_proj"
+    )
+    assert (
+        hf_architecture("GPTNeoXForCausalLM").out_proj_path(site.layer)
+        == "gpt_neox.layers.3.attention.dense"
+    )
     assert site.head_slice(2) == slice(32, 48)
     assert AttnSite.layer_of(site.hook_name) == 3
 
@@ -72,4 +82,4 @@ def test_unknown_hf_architecture_says_how_to_add_one() -> None:
         ValueError,
         match=r"unsupported Hugging Face architecture 'FooForCausalLM'.*HF_ARCHITECTURES",
     ):
-        AttnSite(0, 4, 4, 8).hf_module_path("FooForCausalLM")
+        hf_architecture("FooForCausalLM")

@@ -9,7 +9,8 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 
 import sae_lens_attn as sla
-from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches, sae_config
+from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches
+from sae_lens_attn.config import sae_configs as sae_config
 
 
 def make_store(model, tokens, layers, **kwargs) -> AttnActivationStore:

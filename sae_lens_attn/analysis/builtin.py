@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import encode_z, sae_convention
+from sae_lens_attn.analysis.attribution import encode_z, sae_convention
 from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
-from sae_lens_attn.analysis.induction_features import default_seq_len, induction_features
+from sae_lens_attn.analysis.induction_heuristics import default_seq_len, induction_features
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import (
+from sae_lens_attn.analysis.attribution import (
     _check_sae,
     _features,
     _zero_unless,

@@ -21,7 +21,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "transformer_lens.HookedTransformer": "transformer_lens",
     "transformer_lens.model_bridge.TransformerBridge (TransformerLens 3; also SAELens's "
     "SAETransformerBridge)": "bridge",
-    "transformers.PreTrainedModel (causal LMs in sae_lens_attn.architectures.HF_ARCHITECTURES)": "nnsight",
+    "transformers.PreTrainedModel (causal LMs in sae_lens_attn.backends.architectures.HF_ARCHITECTURES)": "nnsight",
     "nnsight.Envoy (an nnsight model wrapping one of those)": "nnsight",
     "sae_lens_attn.HookedHFModel (from sla.hooked)": "nnsight",
 }

@@ -38,7 +38,7 @@ from transformer_lens.model_bridge import (  # pyright: ignore[reportMissingImpo
     TransformerBridge,  # TransformerLens >= 3 only: this module is imported only for bridges
 )
 
-from sae_lens_attn.architectures import HF_ARCHITECTURES, HFArchitecture
+from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, HFArchitecture
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,

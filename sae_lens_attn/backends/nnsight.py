@@ -26,7 +26,7 @@ from nnsight import Envoy
 from nnsight.modeling.mixins.remotable import Remotable
 from torch import Tensor, nn
 
-from sae_lens_attn.architectures import HF_ARCHITECTURES, hf_architecture
+from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, hf_architecture
 from sae_lens_attn.backends.base import AttnBackend, Interventions, expand_kv_heads
 from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
 

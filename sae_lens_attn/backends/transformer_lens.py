@@ -11,7 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from sae_lens_attn.architectures import HF_ARCHITECTURES
+from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,

@@ -17,7 +17,7 @@ from sae_lens_attn.pretrained.directory import (
 from sae_lens_attn.pretrained.hub import push_to_hub
 from sae_lens_attn.pretrained.kissane import KISSANE_CONVERSION_FUNC
 from sae_lens_attn.pretrained.metrics import REPORTED_METRICS, SAEMetrics, measure
-from sae_lens_attn.pretrained.publish import PublishResult, publish
+from sae_lens_attn.pretrained.publishing import PublishResult, publish
 from sae_lens_attn.pretrained.releases import (
     Release,
     ReleaseSAE,

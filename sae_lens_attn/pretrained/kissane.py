@@ -29,6 +29,7 @@ from sae_lens import StandardSAEConfig
 from sae_lens.util import str_to_dtype
 from torch import Tensor
 
+from sae_lens_attn.backends.architectures import hf_architecture as architecture_row
 from sae_lens_attn.backends.base import check_convention
 from sae_lens_attn.site import AttnSite, folded_model_kwargs
 
@@ -170,7 +171,9 @@ def kissane_config_to_saelens(
         "d_head": site.d_head,
         "value_bias_convention": convention,
         "hf_architecture": hf_architecture,
-        "hf_module_path": site.hf_module_path(hf_architecture) if hf_architecture else None,
+        "hf_module_path": architecture_row(hf_architecture).out_proj_path(site.layer)
+        if hf_architecture
+        else None,
         "model_from_pretrained_kwargs": kwargs,
         "converted_from": {"format": "kissane", "source": source, "config": dict(raw)},
         **rest,

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sae_lens_attn.dashboard.data import FeatureContext, FeatureData
-from sae_lens_attn.plots import dfa_tokens_html, svg_bars
+from sae_lens_attn.viz.dashboard.data import FeatureContext, FeatureData
+from sae_lens_attn.viz.plots import dfa_tokens_html, svg_bars
 
 CSS = (
     "body{font-family:system-ui,sans-serif;margin:1.5em;color:#111}"

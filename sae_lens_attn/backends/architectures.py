@@ -369,6 +369,6 @@ def hf_architecture(name: str) -> HFArchitecture:
         raise ValueError(
             f"unsupported Hugging Face architecture {name!r}; supported: "
             f"{sorted(HF_ARCHITECTURES)}. To add one, add a row to "
-            "sae_lens_attn.architectures.HF_ARCHITECTURES naming its decoder-layer list, its "
+            "sae_lens_attn.backends.architectures.HF_ARCHITECTURES naming its decoder-layer list, its "
             "attention module, the output projection and the module holding the values."
         ) from None

@@ -6,15 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sae_lens_attn import cli_analyze, cli_dashboard, cli_demo, cli_evaluate
+from sae_lens_attn.cli import analyze, dashboard, demo, evaluate
 
 
 def _info(_args: argparse.Namespace) -> int:
     import sae_lens
 
     import sae_lens_attn
-    from sae_lens_attn.architectures import HF_ARCHITECTURES
-    from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES
+    from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
+    from sae_lens_attn.config.sae_configs import ATTN_TRAINING_CLASSES
 
     print(f"sae-lens-attn {sae_lens_attn.__version__} (SAELens {sae_lens.__version__})")
     print("attention SAE architectures registered with SAELens:")
@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--push", action="store_true", help="upload to the Hugging Face Hub")
     publish.add_argument("--private", action="store_true", help="create the repository private")
     publish.set_defaults(run=_publish)
-    cli_analyze.add_parser(commands)
-    cli_evaluate.add_parser(commands)
-    cli_dashboard.add_parser(commands)
-    cli_demo.add_parser(commands)
+    analyze.add_parser(commands)
+    evaluate.add_parser(commands)
+    dashboard.add_parser(commands)
+    demo.add_parser(commands)
     return parser
 
 

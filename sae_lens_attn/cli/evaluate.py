@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
 from sae_lens_attn.evaluation import Evaluation, evaluate
-from sae_lens_attn.files import staging_dir
-from sae_lens_attn.loading import load_model, load_sae, load_tokens
-from sae_lens_attn.plots import html_page, layer_metrics_html, layer_metrics_png
+from sae_lens_attn.outputs import staging_dir
 from sae_lens_attn.site import AttnSite
+from sae_lens_attn.viz.plots import html_page, layer_metrics_html, layer_metrics_png
 
 COLUMNS = (
     ("layer", "layer", "{}"),

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import _check_sae, dfa_capture, encode_z
+from sae_lens_attn.analysis.attribution import _check_sae, dfa_capture, encode_z
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
 from sae_lens_attn.backends import backend_for

@@ -17,7 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from sae_lens_attn.analysis import dfa_at_peaks, head_attribution
-from sae_lens_attn.analysis.dfa import encode_z, encoder_terms, sae_convention
+from sae_lens_attn.analysis.attribution import encode_z, encoder_terms, sae_convention
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
 

@@ -2,8 +2,8 @@
 models), our own pages elsewhere (Hugging Face models through nnsight), both with DFA and
 head-attribution panels; self-contained folders that open from disk without a network."""
 
-from sae_lens_attn.dashboard.build import ENGINES, Dashboard, Engine, build_dashboard
-from sae_lens_attn.dashboard.data import FeatureContext, FeatureData, collect
+from sae_lens_attn.viz.dashboard.build import ENGINES, Dashboard, Engine, build_dashboard
+from sae_lens_attn.viz.dashboard.data import FeatureContext, FeatureData, collect
 
 __all__ = [
     "ENGINES",

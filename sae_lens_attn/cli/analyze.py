@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from sae_lens_attn.analysis import AnalysisInput, dfa_at_peaks, get, head_attribution, names
 from sae_lens_attn.analysis.registry import Table
 from sae_lens_attn.backends import backend_for
-from sae_lens_attn.files import staging_dir
-from sae_lens_attn.loading import load_model, load_sae, load_tokens
-from sae_lens_attn.plots import dfa_tokens_html, head_attribution_heatmap, html_page
+from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
+from sae_lens_attn.outputs import staging_dir
+from sae_lens_attn.viz.plots import dfa_tokens_html, head_attribution_heatmap, html_page
 
 
 def add_parser(commands: Any) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES
+from sae_lens_attn.config.sae_configs import ATTN_TRAINING_CLASSES
 
 
 def register_training_classes() -> None:

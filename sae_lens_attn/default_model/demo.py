@@ -22,13 +22,13 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from sae_lens_attn.analysis import AnalysisInput, get, head_attribution, induction_features
-from sae_lens_attn.dashboard.build import build_dashboard
 from sae_lens_attn.default_model import RELEASE_NAME, corpus, load_default_model
 from sae_lens_attn.evaluation import evaluate
-from sae_lens_attn.files import staging_dir
-from sae_lens_attn.plots import head_attribution_heatmap, layer_metrics_png
+from sae_lens_attn.outputs import staging_dir
 from sae_lens_attn.store import TokenBatches
-from sae_lens_attn.training import train_attn_saes
+from sae_lens_attn.training.train import train_attn_saes
+from sae_lens_attn.viz.dashboard.build import build_dashboard
+from sae_lens_attn.viz.plots import head_attribution_heatmap, layer_metrics_png
 
 INDUCTION_HEAD_SCORE = 0.75
 """Induction score that makes a head an induction head here. All four layer-1 heads of the

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sae_lens_attn.analysis.dfa import sae_convention
+from sae_lens_attn.analysis.attribution import sae_convention
 from sae_lens_attn.backends import AttnBackend
 from sae_lens_attn.site import AttnSite
 
@@ -65,7 +65,7 @@ def unsupported_reason(backend: AttnBackend, sae: Any) -> str | None:
 def write_assets(folder: Path) -> None:
     """Copy d3 and Plotly into ``folder`` (the files named in ``CDN_SCRIPTS``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    vendored = resources.files("sae_lens_attn.dashboard") / "assets"
+    vendored = resources.files("sae_lens_attn.viz.dashboard") / "assets"
     for name in ("d3.v6.min.js", "LICENSE.d3"):
         (folder / name).write_bytes((vendored / name).read_bytes())
     plotly = resources.files("plotly") / "package_data" / "plotly.min.js"

@@ -17,7 +17,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.hook_points import HookPoint
+
+try:  # TransformerLens 3 deprecates the hook_points path; 2.18 has only that one
+    from transformer_lens import HookedRootModule  # pyright: ignore[reportAttributeAccessIssue]
+except ImportError:
+    from transformer_lens.hook_points import HookedRootModule
 from transformer_lens.HookedTransformer import Output
 from transformer_lens.utils import lm_cross_entropy_loss
 

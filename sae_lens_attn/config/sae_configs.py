@@ -24,7 +24,7 @@ from sae_lens import (
 from sae_lens.registry import get_sae_class
 from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainStepInput, TrainStepOutput
 
-from sae_lens_attn.architectures import HF_ARCHITECTURES
+from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, hf_architecture
 from sae_lens_attn.site import (
     VALUE_BIAS_CONVENTIONS,
     AttnSite,
@@ -123,7 +123,9 @@ class AttnTrainingFields:
             "value_bias_convention": convention,
             "hf_architecture": self.hf_architecture,
             "hf_module_path": (
-                site.hf_module_path(self.hf_architecture) if self.hf_architecture else None
+                hf_architecture(self.hf_architecture).out_proj_path(site.layer)
+                if self.hf_architecture
+                else None
             ),
             "model_from_pretrained_kwargs": kwargs,
         }

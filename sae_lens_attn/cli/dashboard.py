@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from sae_lens_attn.dashboard import ENGINES, build_dashboard
-from sae_lens_attn.loading import load_model, load_sae, load_tokens
+from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
+from sae_lens_attn.viz.dashboard import ENGINES, build_dashboard
 
 
 def add_parser(commands: Any) -> None:

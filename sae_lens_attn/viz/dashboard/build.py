@@ -15,11 +15,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae_lens_attn.backends import backend_for
-from sae_lens_attn.dashboard import panels, saedashboard
-from sae_lens_attn.dashboard.data import FeatureData, check_features, collect, feature_activations
 from sae_lens_attn.evaluation import check_context
-from sae_lens_attn.files import staging_dir
+from sae_lens_attn.outputs import staging_dir
 from sae_lens_attn.site import AttnSite
+from sae_lens_attn.viz.dashboard import panels, saedashboard
+from sae_lens_attn.viz.dashboard.data import (
+    FeatureData,
+    check_features,
+    collect,
+    feature_activations,
+)
 
 Engine = Literal["auto", "saedashboard", "own"]
 """``saedashboard``: SAEDashboard's pages plus our DFA and head-attribution panels (TransformerLens

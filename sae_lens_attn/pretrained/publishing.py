@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_lens_attn.files import staging_dir
+from sae_lens_attn.outputs import staging_dir
 from sae_lens_attn.pretrained import directory
 from sae_lens_attn.pretrained.hub import push_to_hub
 from sae_lens_attn.pretrained.metrics import SAEMetrics, measure

@@ -15,8 +15,12 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from safetensors.torch import save_file
 
 from sae_lens_attn.backends import backend_for
-from sae_lens_attn.files import staging_dir
-from sae_lens_attn.sae_config import ATTN_TRAINING_CLASSES, AttnArchitecture, AttnTrainingSAEConfig
+from sae_lens_attn.config.sae_configs import (
+    ATTN_TRAINING_CLASSES,
+    AttnArchitecture,
+    AttnTrainingSAEConfig,
+)
+from sae_lens_attn.outputs import staging_dir
 from sae_lens_attn.site import AttnSite
 from sae_lens_attn.store import AttnActivationStore, TokenBatch
 

@@ -1,0 +1,1 @@
+"""Attention SAE configs: SAELens training configs with head metadata, and their registration."""

@@ -1,0 +1,1 @@
+"""Looking at features: plots and dashboards."""

@@ -7,7 +7,8 @@ For each, tokens per second of flattened hook_z ``[tokens, n_heads * d_head]`` f
   * its plain forward, stopped after the last layer needed, with the cheapest hooks it offers:
     HookedTransformer and bridge: a hook on each ``blocks.L.attn.hook_z`` (resolved once, added
     with ``HookPoint.add_hook``) and ``model(tokens, return_type=None, stop_at_layer=last + 1)``;
-    Hugging Face: torch pre-hooks on ``c_proj``, the last one raising to stop the pass;
+    Hugging Face: torch pre-hooks on ``c_proj``, the last one raising to stop the pass, and
+    ``use_cache=False`` (no KV cache is built: the store's nnsight backend builds none either);
   * this package's store, ``sla.AttnActivationStore(...).activations(tokens)``, on that model;
 for all 12 layers and for layer 5 alone; and the store's one pass for 12 layers against 12
 single-layer passes.
@@ -173,7 +174,7 @@ def plain_hf(layers: list[int]) -> Callable[[], None]:
             for layer, module in zip(layers, modules, strict=True)
         ]
         try:
-            hf(tokens)
+            hf(tokens, use_cache=False)
         except _Stop:
             pass
         finally:

@@ -3,8 +3,9 @@
 For each Python environment given, runs the test module there under pytest with ``--junitxml``
 and reads back the outcome of every ``test_<check>[<case>]``; then writes one row per
 architecture (case) with the checks that passed on the nnsight backend on each transformers
-version measured, and a column for the TransformerBridge backend, "not yet measured" until
-the matrix runs on it too.
+version measured, and a TransformerBridge column summing up the module's bridge checks
+(``BRIDGE_CHECKS``) on the environments that have TransformerLens >= 3, with the reasons of its
+known failures (``BRIDGE_LIMITS``, strict xfails).
 
 Run from the repository root (no network, CPU only, about a minute per environment):
 
@@ -28,12 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_MODULE = "tests/test_architecture_matrix.py"
 OUT = ROOT / "docs" / "support.md"
 PACKAGES = ("transformers", "torch", "nnsight", "sae-lens", "transformer-lens")
-BACKENDS = ("nnsight", "TransformerBridge")
-MEASURED = {"nnsight"}
-"""Backends the test module checks (one column per check); the others get a column saying
-"not yet measured"."""
 
-Outcome = str  # "passed" | "failed" | "skipped" | "not run"
+Outcome = str  # "passed" | "failed" | "skipped" | "xfailed" | "not run"
 
 
 class Environment(NamedTuple):
@@ -71,10 +68,18 @@ def _outcomes(python: str) -> dict[tuple[str, str], Outcome]:
         if not name.startswith("test_") or "[" not in name:
             continue
         check, key = name[len("test_") :].rstrip("]").split("[", 1)
-        tags = {child.tag for child in case}
-        failed = tags & {"failure", "error"}
-        outcomes[check, key] = "failed" if failed else "skipped" if "skipped" in tags else "passed"
+        outcomes[check, key] = _outcome(case)
     return outcomes
+
+
+def _outcome(case: ET.Element) -> Outcome:
+    """A junit test case's outcome; a strict xfail that passed is reported as a failure."""
+    if {child.tag for child in case} & {"failure", "error"}:
+        return "failed"
+    skipped = case.find("skipped")
+    if skipped is None:
+        return "passed"
+    return "xfailed" if skipped.get("type") == "pytest.xfail" else "skipped"
 
 
 def measure(python: str) -> Environment:
@@ -101,7 +106,7 @@ def _refusals(matrix: Any) -> dict[str, str]:
     return reasons
 
 
-_MARK = {"passed": "✓", "failed": "✗", "skipped": "skipped", "not run": "not run"}
+_MARK = {"passed": "✓", "failed": "✗", "xfailed": "✗", "skipped": "skipped", "not run": "not run"}
 
 
 def _cell(results: list[tuple[str, Outcome]], refusal_note: str | None) -> str:
@@ -117,12 +122,55 @@ def _cell(results: list[tuple[str, Outcome]], refusal_note: str | None) -> str:
     return " · ".join(f"{_MARK.get(outcome, outcome)} {version}" for version, outcome in results)
 
 
+def _has_bridge(env: Environment) -> bool:
+    """Whether the environment has TransformerBridge (TransformerLens >= 3)."""
+    major = env.versions.get("transformer-lens", "0").split(".")[0]
+    return major.isdigit() and int(major) >= 3
+
+
+def _bridge_cell(matrix: Any, key: str, envs: list[Environment], notes: dict[str, str]) -> str:
+    """The TransformerBridge column of one case over the environments that have the bridge: ✓
+    when every bridge check passed, "unsupported (bn)" when the bridge cannot boot the case,
+    else the mark of each check, with the note of its known failure."""
+    if not envs:
+        return "not measured (needs TransformerLens ≥ 3)"
+    limit = matrix.BRIDGE_LIMITS.get(key)
+    note = "" if limit is None else f" ({notes[limit.reason]})"
+    outcomes = {
+        check: [
+            (env.versions.get("transformers", "?"), env.outcomes.get((check, key), "not run"))
+            for env in envs
+        ]
+        for check in matrix.BRIDGE_CHECKS
+    }
+    all_xfailed = all(o == "xfailed" for results in outcomes.values() for _, o in results)
+    if limit is not None and not limit.boots and all_xfailed:
+        return f"unsupported{note}"
+    marks = {check: _cell(results, None) for check, results in outcomes.items()}
+    if len(set(marks.values())) == 1:  # the same on every check
+        mark = next(iter(marks.values()))
+        return mark + (note if "✗" in mark else "")
+    cell = " · ".join(f"{check.removeprefix('bridge_')} {mark}" for check, mark in marks.items())
+    return cell + (note if "✗" in cell else "")
+
+
 def render(envs: list[Environment], command: str) -> str:
     matrix = _matrix_module()
     checks: dict[str, str] = matrix.CHECKS
     reasons = _refusals(matrix)
     notes = {reason: i + 1 for i, reason in enumerate(dict.fromkeys(reasons.values()))}
     versions = [env.versions.get("transformers", "?") for env in envs]
+    bridge_checks: dict[str, str] = matrix.BRIDGE_CHECKS
+    bridge_envs = [env for env in envs if _has_bridge(env)]
+    limits = matrix.BRIDGE_LIMITS.values() if bridge_envs else []
+    bridge_notes = {
+        reason: f"b{i + 1}" for i, reason in enumerate(dict.fromkeys(lim.reason for lim in limits))
+    }
+    bridge_stacks = "; ".join(
+        f"transformers {env.versions.get('transformers', '?')}, TransformerLens "
+        f"{env.versions['transformer-lens']}"
+        for env in bridge_envs
+    )
     lines = [
         "# Architecture support",
         "",
@@ -138,11 +186,19 @@ def render(envs: list[Environment], command: str) -> str:
         "| check | passes when |",
         "|---|---|",
         *(f"| {name} | {what} |" for name, what in checks.items()),
+        *(f"| {name} | {what} |" for name, what in bridge_checks.items()),
         "",
         "The check columns are the nnsight backend's. ✓ passed, ✗ failed; where versions differ,",
         "the mark is given per transformers version.",
         '"refused (n)": the folded value-bias convention is undefined for the model and is '
         "refused with the reason numbered below (the check passes when it is).",
+        "",
+        "The TransformerBridge column sums up the bridge checks, which run z, patterns and "
+        "splice through `TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)` "
+        "over a copy of the same model (TransformerLens ≥ 3 only, so measured on "
+        + (bridge_stacks or "no environment given")
+        + '): ✓ all three passed; otherwise the mark of each; "unsupported": the bridge does not '
+        'boot the model; "(bn)": a known failure, the reason given below.',
         "",
         "Regenerate this page (it is committed as generated) with",
         "",
@@ -157,12 +213,8 @@ def render(envs: list[Environment], command: str) -> str:
             for env in envs
         ),
         "",
-        "| architecture | class | transformers | "
-        + " | ".join(checks)
-        + " | "
-        + " | ".join(b for b in BACKENDS if b not in MEASURED)
-        + " |",
-        "|" + "---|" * (3 + len(checks) + len(BACKENDS) - len(MEASURED)),
+        "| architecture | class | transformers | " + " | ".join(checks) + " | TransformerBridge |",
+        "|" + "---|" * (3 + len(checks) + 1),
     ]
     for key, case in matrix.CASES.items():
         row = []
@@ -173,11 +225,14 @@ def render(envs: list[Environment], command: str) -> str:
             ]
             note = f"({notes[reasons[key]]})" if check == "folded" and key in reasons else None
             row.append(_cell(results, note))
-        row += ["not yet measured" for b in BACKENDS if b not in MEASURED]
+        row.append(_bridge_cell(matrix, key, bridge_envs, bridge_notes))
         label = f"{case.label} | `{case.hf_class}` | {', '.join(versions)}"
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines += ["", "Why the folded convention is refused:", ""]
     lines += [f"{n}. {reason[0].upper()}{reason[1:]}." for reason, n in notes.items()]
+    if bridge_notes:
+        lines += ["", "Where the TransformerBridge checks are known to fail:", ""]
+        lines += [f"- ({n}) {reason}." for reason, n in bridge_notes.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -3,13 +3,16 @@
 Importing the package registers the ``attn_*`` training architectures with SAELens, and its
 pretrained releases (``gpt2-small-attn-z``, and ``stdlib-2l-attn-z`` of the embedded default
 model) and converters with SAELens's pretrained directory and
-loader tables (idempotent, no network), and changes nothing else.
+loader tables (idempotent, no network), and changes nothing else: nnsight (whose default
+configuration adds ``save`` to every object) is imported only when a Hugging Face model first
+meets a backend, and plots never switch matplotlib's backend.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from sae_lens_attn import analysis
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, AttnBackend, AttnCapture, backend_for
 from sae_lens_attn.backends.hooked import HookedHFModel, hooked
-from sae_lens_attn.backends.nnsight import NNsightBackend
 from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
 from sae_lens_attn.config.registration import register_training_classes
 from sae_lens_attn.config.sae_configs import (
@@ -27,6 +30,7 @@ from sae_lens_attn.pretrained import (
     ReleaseSAE,
     SAEMetrics,
     get_release,
+    list_releases,
     publish,
     register_pretrained,
     register_release,
@@ -42,6 +46,9 @@ from sae_lens_attn.training.resampling import (
     select_dead_features,
 )
 from sae_lens_attn.training.train import attn_sae_training_config, train_attn_saes
+
+if TYPE_CHECKING:
+    from sae_lens_attn.backends.nnsight import NNsightBackend
 
 __version__ = "0.1.0"
 
@@ -80,6 +87,7 @@ __all__ = [
     "evaluate",
     "get_release",
     "hooked",
+    "list_releases",
     "load_default_model",
     "publish",
     "register_release",
@@ -88,3 +96,12 @@ __all__ = [
     "train_attn_saes",
     "unregister_release",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``NNsightBackend`` on first use: importing it imports nnsight."""
+    if name == "NNsightBackend":
+        from sae_lens_attn.backends.nnsight import NNsightBackend
+
+        return NNsightBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

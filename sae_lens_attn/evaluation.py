@@ -49,6 +49,7 @@ from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.backends.base import check_convention
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
 from sae_lens_attn.store import TokenBatches
+from sae_lens_attn.validation import check_count, check_tokens, special_token_ids, tokenizer_of
 
 METRIC_NAMES = (
     "l0",
@@ -230,15 +231,15 @@ def evaluate(
     backend = backend_for(model)
     site = AttnSite.from_sae(sae, backend)
     convention = check_convention(convention or sae_convention(sae, backend.native_convention))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(backend)
+    batch_size = check_count("batch_size", batch_size)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_of(backend)
     batches = token_batches(
         tokens_or_dataset, tokenizer=tokenizer, context_size=context_size, batch_size=batch_size
     )
-    check_context(backend, batches[0][0].shape[1])
+    for tokens, _ in batches:
+        check_tokens(tokens, backend)
     excluded = torch.tensor(
-        list(exclude_tokens) if exclude_tokens is not None else _special_ids(tokenizer),
+        list(exclude_tokens) if exclude_tokens is not None else special_token_ids(tokenizer),
         dtype=torch.long,
     )
     device = next(backend.model.parameters()).device
@@ -274,9 +275,11 @@ def token_batches(
 
     Raises:
         ValueError: the input is empty, of an unknown kind, or shorter than ``context_size``.
+        TypeError: the token ids are not integers.
     """
-    if context_size is not None and context_size < 2:
-        raise ValueError(f"context_size must be >= 2 (one prediction), got {context_size}")
+    if context_size is not None:
+        context_size = check_count("context_size", context_size, minimum=2)
+    batch_size = check_count("batch_size", batch_size)
     if isinstance(data, TokenBatches):
         data = data.tokens
     if _is_texts(data):
@@ -294,10 +297,7 @@ def token_batches(
                 f"the dataset is too short for context_size={context_size}: {err}"
             ) from None
     tokens, mask = _tokens_and_mask(data)
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(
-            f"expected token ids [rows, ctx] with at least one token, got shape {tuple(tokens.shape)}"
-        )
+    check_tokens(tokens)
     if mask.shape != tokens.shape:
         raise ValueError(
             f"attention_mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}"
@@ -310,26 +310,6 @@ def token_batches(
         )
     tokens, mask = tokens[:, :width].long(), mask[:, :width].long()
     return list(zip(tokens.split(batch_size), mask.split(batch_size), strict=True))
-
-
-def check_context(model: Any, width: int) -> None:
-    """Raise ``ValueError`` if contexts of ``width`` tokens exceed the model's positions."""
-    inner = backend_for(model).model
-    cfg = getattr(inner, "cfg", None)
-    config = getattr(inner, "config", None)
-    limit = getattr(cfg, "n_ctx", None) or next(
-        (
-            getattr(config, k)
-            for k in ("n_positions", "max_position_embeddings")
-            if hasattr(config, k)
-        ),
-        None,
-    )
-    if limit is not None and width > limit:
-        raise ValueError(
-            f"contexts of {width} tokens exceed the model's {limit} positions; "
-            f"use a context size of at most {limit}"
-        )
 
 
 def _is_texts(data: Any) -> bool:
@@ -507,15 +487,3 @@ def _recovered(ablated: float, with_sae: float, clean: float) -> float:
 def _or_none(mask: Tensor) -> Tensor | None:
     """No mask when nothing is padded: the models' unmasked path, as ``run_evals`` runs it."""
     return None if bool(mask.all()) else mask
-
-
-def _tokenizer_of(backend: AttnBackend) -> Any:
-    return getattr(backend, "tokenizer", None) or getattr(backend.model, "tokenizer", None)
-
-
-def _special_ids(tokenizer: Any) -> list[int]:
-    if tokenizer is None:
-        return []
-    from sae_lens.util import get_special_token_ids
-
-    return get_special_token_ids(tokenizer)

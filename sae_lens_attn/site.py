@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, SupportsIndex, get_args
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -73,7 +74,11 @@ _HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
 
 @dataclass(frozen=True)
 class AttnSite:
-    """The hook_z activation of one attention layer: z of every head, concatenated head-major."""
+    """The hook_z activation of one attention layer: z of every head, concatenated head-major.
+
+    The fields take any integer (``int``, NumPy integer, 0-d integer tensor) and hold it as an
+    ``int``; anything else raises ``TypeError``, a value below the minimum ``ValueError``.
+    """
 
     layer: int
     """Index of the attention layer (0-based)."""
@@ -88,8 +93,15 @@ class AttnSite:
         for name in ("layer", "n_heads", "n_kv_heads", "d_head"):
             value = getattr(self, name)
             minimum = 0 if name == "layer" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"AttnSite.{name} must be an int >= {minimum}, got {value!r}")
+            as_int = as_integer(value)
+            if as_int is None:
+                raise TypeError(
+                    f"AttnSite.{name} must be an integer >= {minimum} (int, NumPy integer or 0-d "
+                    f"integer tensor), got {value!r} of type {type(value).__name__}"
+                )
+            if as_int < minimum:
+                raise ValueError(f"AttnSite.{name} must be an integer >= {minimum}, got {as_int}")
+            object.__setattr__(self, name, as_int)  # NumPy and tensor integers become ints
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
@@ -145,16 +157,20 @@ class AttnSite:
         return int(match.group(1))
 
     @classmethod
-    def from_model(cls, model: Any, layer: int) -> AttnSite:
+    def from_model(cls, model: Any, layer: SupportsIndex) -> AttnSite:
         """The site of ``layer`` in ``model`` (any model a backend supports).
+
+        ``layer`` is an integer: an ``int``, a NumPy integer or a 0-d integer tensor.
 
         Raises:
             ValueError: ``layer`` is out of range.
-            TypeError: no backend supports ``model``; the message lists those that exist.
+            TypeError: ``layer`` is not an integer, or no backend supports ``model`` (the message
+                lists those that exist).
         """
         from sae_lens_attn.backends import backend_for
 
-        return backend_for(model).site(layer)
+        backend = backend_for(model)
+        return backend.site(check_layer(layer, backend.n_layers))
 
     @classmethod
     def from_sae(cls, sae: SAE[Any], model: Any = None) -> AttnSite:
@@ -167,9 +183,12 @@ class AttnSite:
         Raises:
             ValueError: the SAE is not on hook_z, does not fit the site, or disagrees with ``model``.
         """
+        from sae_lens_attn.config.metadata import read_attention_metadata
+
         meta = sae.cfg.metadata
-        layer = cls.layer_of(meta.hook_name)
-        from_meta = {k: meta.get(k) for k in ("n_heads", "n_kv_heads", "d_head")}
+        recorded = read_attention_metadata(meta, source=f"SAE on {meta.hook_name}")
+        layer = recorded.layer
+        from_meta = {k: getattr(recorded, k) for k in ("n_heads", "n_kv_heads", "d_head")}
         from_model = None if model is None else cls.from_model(model, layer)
         if from_model is not None:
             clashes = {
@@ -206,11 +225,34 @@ class AttnSite:
         return self
 
 
-def check_layer(layer: int, n_layers: int) -> int:
-    """Return ``layer`` if a model with ``n_layers`` layers has it, else raise ``ValueError``."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+def check_layer(layer: SupportsIndex, n_layers: int) -> int:
+    """``layer`` as an ``int`` if a model with ``n_layers`` layers has it.
+
+    Raises:
+        TypeError: ``layer`` is not an integer (see ``as_integer``).
+        ValueError: ``layer`` is out of range.
+    """
+    as_int = as_integer(layer)
+    if as_int is None:
+        raise TypeError(
+            f"layer must be an integer in 0..{n_layers - 1} (int, NumPy integer or 0-d integer "
+            f"tensor), got {layer!r} of type {type(layer).__name__}"
+        )
+    if not 0 <= as_int < n_layers:
         raise ValueError(
-            f"layer {layer!r} is out of range: the model has {n_layers} layers "
+            f"layer {as_int} is out of range: the model has {n_layers} layers "
             f"(valid: 0..{n_layers - 1})"
         )
-    return layer
+    return as_int
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as an ``int`` if it is an integer (Python, NumPy, or a 0-d integer tensor or
+    array), else ``None``: bools, floats and arrays with dimensions are not integers."""
+    dtype = str(getattr(value, "dtype", ""))
+    if isinstance(value, bool) or dtype in ("bool", "torch.bool") or getattr(value, "ndim", 0):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

@@ -20,6 +20,7 @@ from torch import Tensor
 from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.backends.base import check_convention
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
+from sae_lens_attn.validation import check_count, check_tokens
 
 TokenBatch = Int[Tensor, " batch ctx"] | tuple[Int[Tensor, " batch ctx"], Int[Tensor, " batch ctx"]]
 """A batch of token ids, optionally with an attention mask (0 marks padding)."""
@@ -35,12 +36,8 @@ class TokenBatches:
     """Rows per model pass."""
 
     def __post_init__(self) -> None:
-        if self.tokens.ndim != 2 or self.tokens.shape[0] == 0:
-            raise ValueError(
-                f"tokens must be a non-empty [n_rows, ctx] tensor, got shape {tuple(self.tokens.shape)}"
-            )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_tokens(self.tokens)  # ids against a vocabulary: the store checks them with the model
+        object.__setattr__(self, "batch_size", check_count("batch_size", self.batch_size))
 
     def __iter__(self) -> Iterator[Int[Tensor, " batch ctx"]]:
         for start in range(0, self.tokens.shape[0], self.batch_size):
@@ -131,7 +128,9 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
             raise ValueError("AttnActivationStore needs at least one site, got none")
         if len({s.layer for s in self.sites}) != len(self.sites):
             raise ValueError(f"sites repeat a layer: {[s.layer for s in self.sites]}")
-        if train_batch_size_tokens < 1 or buffer_size_tokens < train_batch_size_tokens:
+        train_batch_size_tokens = check_count("train_batch_size_tokens", train_batch_size_tokens)
+        buffer_size_tokens = check_count("buffer_size_tokens", buffer_size_tokens)
+        if buffer_size_tokens < train_batch_size_tokens:
             raise ValueError(
                 "need 1 <= train_batch_size_tokens <= buffer_size_tokens, got "
                 f"{train_batch_size_tokens} and {buffer_size_tokens}"
@@ -166,23 +165,20 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
         Positions that are padding or excluded special tokens are dropped.
         """
         tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
-        if tokens.ndim != 2 or tokens.numel() == 0:
-            raise ValueError(
-                f"token batch must be a non-empty [batch, ctx] tensor, got {tuple(tokens.shape)}"
-            )
+        check_tokens(tokens, self.backend)
         captures = self.backend.capture(
             tokens, self.sites, convention=self.convention, attention_mask=mask
         )
         keep = torch.ones(tokens.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
         if self.exclude_special_tokens is not None:
             keep &= ~torch.isin(tokens.cpu(), self.exclude_special_tokens)
-        keep = keep.flatten()
+        keep = keep.flatten().to(tokens.device)
+        keep_all = bool(keep.all())  # then z is served as captured: a masked copy costs ~5%
         self.model_passes += 1
+        flat = {site.hook_name: captures[site.layer].z_flat.flatten(0, 1) for site in self.sites}
         return {
-            site.hook_name: captures[site.layer]
-            .z_flat.flatten(0, 1)[keep.to(tokens.device)]
-            .to(self.device, self.dtype)
-            for site in self.sites
+            name: (z if keep_all else z[keep]).to(self.device, self.dtype)
+            for name, z in flat.items()
         }
 
     def __next__(self) -> dict[str, Tensor]:
@@ -224,10 +220,12 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
             self.epochs += 1
             if not self.cycle:
                 return
-            warnings.warn(
-                f"token source exhausted after {self.epochs} epoch(s); starting again",
-                stacklevel=2,
-            )
+            if self.epochs == 1:  # once per store: later epochs add nothing new to say
+                warnings.warn(
+                    "token source exhausted after 1 epoch; starting it again (further epochs "
+                    "repeat the same tokens; give more text for unrepeated training)",
+                    stacklevel=2,
+                )
 
     def _shuffled_batches(self) -> Iterator[dict[str, Tensor]]:
         widths = [site.d_in for site in self.sites]

@@ -7,7 +7,9 @@ context) is written once here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.site import as_integer
 
 
 def tokenizer_of(model: Any) -> Any:
@@ -34,6 +37,13 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     from sae_lens.util import get_special_token_ids
 
     return get_special_token_ids(tokenizer)
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token id as text (``tokenizer.decode([id])``), or ``<id>`` without a tokenizer."""
+    if tokenizer is None:
+        return [f"<{int(i)}>" for i in ids]
+    return [str(tokenizer.decode([int(i)])) for i in ids]
 
 
 def _model_configs(model: Any) -> tuple[Any, Any]:
@@ -168,19 +178,41 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
     return as_int
 
 
-def as_integer(value: Any) -> int | None:
-    """``value`` as an ``int`` if it is an integer (Python, NumPy or 0-d integer tensor), else
-    ``None``; bools, floats and arrays of more than one element are not integers."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, Tensor):
-        if value.ndim == 0 and not value.dtype.is_floating_point and value.dtype != torch.bool:
-            return int(value.item())
-        return None
-    import numpy as np
+def check_sae_folder(folder: str | Path) -> Path:
+    """``folder`` as a ``Path`` if it holds a readable SAELens SAE: a ``cfg.json`` JSON object
+    and a complete ``sae_weights.safetensors`` (SAELens's own errors name neither file).
 
-    if isinstance(value, np.integer):
-        return int(value)
-    return None
+    Raises:
+        FileNotFoundError: a file is missing (named).
+        ValueError: a file is corrupt, empty or truncated (named).
+    """
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg_path, weights_path = folder / SAE_CFG_FILENAME, folder / SAE_WEIGHTS_FILENAME
+    missing = [path.name for path in (cfg_path, weights_path) if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{str(folder)!r} is not a saved SAE folder: it lacks {missing} (a SAELens SAE folder "
+            f"holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME})"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{str(cfg_path)!r} is not valid JSON (corrupted or truncated?): {err}"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"{str(cfg_path)!r} must hold a JSON object (an SAE config), got {type(cfg).__name__}"
+        )
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:  # type: ignore[no-untyped-call]
+            weights.keys()
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise ValueError(
+            f"cannot read the SAE weights {str(weights_path)!r} (empty, corrupted or "
+            f"truncated?): {err}"
+        ) from None
+    return folder

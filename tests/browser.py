@@ -1,26 +1,25 @@
-"""Headless Chromium driven over the Chrome DevTools protocol (a websocket), for dashboard tests.
+"""Headless Chromium driven by Playwright, for the tests of pages (dashboards, the explorer).
 
-``open_page`` starts a fresh Chromium with no network features, loads one ``file://`` page, and
-returns what the page did: console errors, uncaught exceptions, requests that left the disk, the
-value of a JavaScript check, and a PNG screenshot.
+Playwright drives the distribution's Chromium (``/usr/bin/chromium``, which ``.ci/run``
+installs); Playwright's own browser downloads are never used. ``watched`` records what a page
+did: console errors, uncaught exceptions and every request it made; ``open_page`` loads one
+``file://`` page, evaluates a JavaScript check and takes a screenshot.
 """
 
 from __future__ import annotations
 
-import base64
-import itertools
-import json
-import subprocess
-import tempfile
-import time
-from dataclasses import dataclass
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
+
+import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = (
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -29,6 +28,26 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
 )
+SCREENSHOT_DIR_ENV = "SAE_LENS_ATTN_SCREENSHOT_DIR"
+"""Environment variable naming a folder that also receives the tests' screenshots."""
+needs_browser = pytest.mark.skipif(
+    not CHROMIUM.exists() or importlib.util.find_spec("playwright") is None,
+    reason=f"needs Chromium at {CHROMIUM} and Playwright (the dev extra)",
+)
+
+
+@dataclass
+class PageWatch:
+    """What a page did while it was watched."""
+
+    errors: list[str] = field(default_factory=list)
+    """Console errors and uncaught exceptions, as text."""
+    requests: list[str] = field(default_factory=list)
+    """Every URL the page requested, in order."""
+
+    def requests_outside(self, *prefixes: str) -> list[str]:
+        """Requested URLs that start with none of ``prefixes``."""
+        return [url for url in self.requests if not url.startswith(prefixes)]
 
 
 @dataclass(frozen=True)
@@ -45,98 +64,60 @@ class PageReport:
     """PNG of the page."""
 
 
-def open_page(page: Path, check: str, *, timeout: float = 120.0, settle: float = 0.5) -> PageReport:
-    """Load ``page`` in headless Chromium, evaluate ``check`` (JavaScript), take a screenshot."""
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        proc = subprocess.Popen(
-            [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             "--window-size=1280,1600", "about:blank"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+@contextmanager
+def chromium(*, timeout: float = 120.0) -> Iterator[Any]:
+    """A fresh headless Chromium (a Playwright ``Browser``), closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=list(FLAGS), timeout=timeout * 1000
+        )
         try:
-            port = _devtools_port(Path(profile), proc, timeout)
-            return _drive(port, page, check, timeout, settle)
+            yield browser
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            browser.close()
 
 
-def _devtools_port(profile: Path, proc: subprocess.Popen[bytes], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    marker = profile / "DevToolsActivePort"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"chromium exited with {proc.returncode} before opening DevTools")
-        if marker.exists() and marker.read_text().strip():
-            return int(marker.read_text().split()[0])
-        time.sleep(0.05)
-    raise TimeoutError("chromium did not open its DevTools port")
+def watched(page: Any) -> PageWatch:
+    """Start recording ``page``'s console errors, uncaught exceptions and requests."""
+    watch = PageWatch()
+
+    def console(message: Any) -> None:
+        if message.type in ("error", "assert"):
+            watch.errors.append(f"{message.text} ({message.location.get('url', '')})")
+
+    page.on("console", console)
+    page.on("pageerror", lambda error: watch.errors.append(f"uncaught: {error}"))
+    page.on("request", lambda request: watch.requests.append(request.url))
+    return watch
 
 
-def _drive(port: int, page: Path, check: str, timeout: float, settle: float) -> PageReport:
-    import websocket
-
-    with urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as response:
-        targets = json.load(response)
-    target = next(t for t in targets if t.get("type") == "page")
-    ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=timeout)
-    ids = itertools.count(1)
-    events: list[dict[str, Any]] = []
-
-    def call(method: str, **params: Any) -> dict[str, Any]:
-        ident = next(ids)
-        ws.send(json.dumps({"id": ident, "method": method, "params": params}))
-        while True:
-            message = json.loads(ws.recv())
-            if message.get("id") == ident:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            events.append(message)
-
-    def wait_for(event: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == event for e in events):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {event} within {timeout}s")
-            events.append(json.loads(ws.recv()))
-
-    try:
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            call(f"{domain}.enable")
-        call("Page.navigate", url=page.resolve().as_uri())
-        wait_for("Page.loadEventFired")
-        time.sleep(settle)  # let scripts that run after load (plots) finish
-        value = call("Runtime.evaluate", expression=check, returnByValue=True)
-        shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-    finally:
-        ws.close()
+def open_page(page: Path, check: str, *, timeout: float = 120.0, settle: float = 0.5) -> PageReport:
+    """Load ``page`` (a file) in headless Chromium, evaluate ``check`` (JavaScript), take a
+    full-page screenshot."""
+    with chromium(timeout=timeout) as browser:
+        tab = browser.new_page(viewport={"width": 1280, "height": 1600})
+        watch = watched(tab)
+        tab.goto(page.resolve().as_uri(), wait_until="load", timeout=timeout * 1000)
+        tab.wait_for_timeout(settle * 1000)  # let scripts that run after load (plots) finish
+        value = tab.evaluate(check)
+        shot = tab.screenshot(full_page=True)
     return PageReport(
-        errors=tuple(_errors(events)),
-        remote_requests=tuple(
-            e["params"]["request"]["url"]
-            for e in events
-            if e.get("method") == "Network.requestWillBeSent"
-            and not e["params"]["request"]["url"].startswith(("file:", "data:", "about:"))
-        ),
-        check=value.get("result", {}).get("value"),
-        screenshot=base64.b64decode(shot["data"]),
+        errors=tuple(watch.errors),
+        remote_requests=tuple(watch.requests_outside("file:", "data:", "about:")),
+        check=value,
+        screenshot=shot,
     )
 
 
-def _errors(events: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for event in events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            out.append(details.get("exception", {}).get("description") or details.get("text", ""))
-        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            out.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
-        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            out.append(f"{params['entry'].get('url', '')}: {params['entry']['text']}")
-    return out
+def save_screenshot(png: bytes, path: Path) -> list[Path]:
+    """Write ``png`` to ``path``, and under ``$SAE_LENS_ATTN_SCREENSHOT_DIR`` too when set."""
+    paths = [path]
+    if os.environ.get(SCREENSHOT_DIR_ENV):
+        paths.append(Path(os.environ[SCREENSHOT_DIR_ENV]) / path.name)
+    for target in paths:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(png)
+        print(f"screenshot: {target}")
+    return paths

@@ -11,9 +11,11 @@ import torch
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
 from sae_lens_attn.analysis import AnalysisInput, registry
+from sae_lens_attn.outputs import OUTPUT_MARKER
 
 from .hf_twins import VOCAB_SIZE as VOCAB
 from .test_analysis_dfa import batch, random_sae
+from .test_dfa_sae_flags import make_sae
 
 
 def test_builtins_register_through_entry_points() -> None:
@@ -60,24 +62,50 @@ def test_builtin_analyzers_produce_tables(model) -> None:
     heads = sla.analysis.get("head_attribution")(inputs)["head_attribution"]
     assert [row["feature"] for row in heads] == [3, 5]
     assert math.isclose(sum(heads[0][f"head_{h}"] for h in range(4)), 1.0, rel_tol=1e-5)
+    with torch.no_grad():
+        sae.b_enc[3] = -100.0  # feature 3 never fires: its rows say so and attribute nothing
     tables = sla.analysis.get("dfa")(inputs)
-    assert {row["feature"] for row in tables["dfa_by_src"]} == {3, 5}
-    one = [row for row in tables["dfa_by_head"] if row["feature"] == 3 and row["prompt"] == 0]
-    top = [row for row in tables["dfa_by_src"] if row["feature"] == 3 and row["prompt"] == 0]
-    result = sla.analysis.dfa(
-        model, sae, batch(), features=[3], positions=torch.tensor([top[0]["query_pos"]] * 3)
-    )
-    assert math.isclose(
-        sum(r["contribution"] for r in one) + float(result.bias[0]), top[0]["pre_act"], abs_tol=1e-4
-    )
+    full = sla.analysis.dfa(model, sae, batch(), features=[3, 5])
+    fires = full.acts.amax(1) > 0  # (prompt, feature)
+    assert fires[:, 1].any() and not fires[:, 0].any()
+    for column, feature in enumerate([3, 5]):
+        for prompt in range(3):
+            srcs = [
+                r for r in tables["dfa_by_src"] if (r["feature"], r["prompt"]) == (feature, prompt)
+            ]
+            heads = [
+                r for r in tables["dfa_by_head"] if (r["feature"], r["prompt"]) == (feature, prompt)
+            ]
+            if not fires[prompt, column]:
+                for rows in (srcs, heads):
+                    assert len(rows) == 1 and rows[0]["fired"] is False
+                    assert rows[0]["query_pos"] is None and rows[0]["contribution"] is None
+                continue
+            peak = int(full.acts[prompt, :, column].argmax())
+            assert len(srcs) == 5 and len(heads) == 4
+            assert all(r["fired"] and r["query_pos"] == peak for r in srcs + heads)
+            bias = float(full.bias[column])
+            total = sum(r["contribution"] for r in heads) + bias
+            assert math.isclose(total, srcs[0]["pre_act"], abs_tol=1e-4)
+            assert math.isclose(
+                srcs[0]["pre_act"], float(full.pre_act[prompt, peak, column]), abs_tol=1e-4
+            )
+            top = full.by_src[prompt, peak, :, column].abs().argsort(descending=True)[:5]
+            assert [r["source_pos"] for r in srcs] == top.tolist()
     scores = sla.analysis.get("induction_scores")(inputs)["induction_scores"]
     assert len(scores) == 2 * 4 and all(0 <= row["score"] <= 1 for row in scores)
 
 
-def test_induction_behaviour_matches_dfa_context_by_context(model) -> None:
-    """The pass rate equals a brute-force count over the contexts with sla.analysis.dfa."""
+@pytest.mark.parametrize("normalize_activations", ["none", "layer_norm"])
+def test_induction_behaviour_matches_dfa_context_by_context(
+    model, normalize_activations, tmp_path
+) -> None:
+    """The pass rate equals a brute-force count over the contexts with sla.analysis.dfa, also
+    for an SAE that normalises its input (the behaviour test runs on the one DFA kernel)."""
     site = AttnSite.from_model(model, 1)
-    sae = random_sae(site, d_sae=32)
+    sae = make_sae(
+        site, "standard", tmp_path, normalize_activations=normalize_activations, d_sae=32
+    )
     tokens = torch.randint(
         1, 12, (6, 16), generator=torch.Generator().manual_seed(3)
     )  # many repeats
@@ -92,7 +120,7 @@ def test_induction_behaviour_matches_dfa_context_by_context(model) -> None:
     )
     shares = sla.analysis.head_attribution(sae)[:, [0, 1]].sum(-1)
     full = sla.analysis.dfa(model, sae, tokens)
-    acts = full.pre_act.relu()  # a standard SAE: ReLU of the pre-activation
+    acts = full.acts  # the SAE's own activations
     checked = 0
     for row in report.rows:
         assert math.isclose(row.share, float(shares[row.feature]), rel_tol=1e-5)
@@ -125,7 +153,7 @@ def test_induction_heads_out_of_range_are_refused(model) -> None:
         )
 
 
-def test_cli_analyze_writes_tables_and_plots(tmp_path) -> None:
+def test_cli_analyze_writes_tables_and_plots(tmp_path, capsys) -> None:
     from sae_lens_attn.cli.main import main
 
     from .hf_twins import build_hf, make_tokenizer
@@ -159,6 +187,7 @@ def test_cli_analyze_writes_tables_and_plots(tmp_path) -> None:
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(
         [
+            OUTPUT_MARKER,
             "head_attribution.csv",
             "dfa_by_src.csv",
             "dfa_by_head.csv",
@@ -170,8 +199,10 @@ def test_cli_analyze_writes_tables_and_plots(tmp_path) -> None:
     assert (out / "head_attribution.png").read_bytes()[:4] == b"\x89PNG"
     assert "feature" in (out / "dfa.html").read_text() and "<span" in (out / "dfa.html").read_text()
     rows = (out / "dfa_by_head.csv").read_text().splitlines()
-    assert rows[0].startswith("feature,prompt,query_pos,query_token,pre_act,head")
-    with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
-        main(args)
-    with pytest.raises(ValueError, match="unknown analyzer 'nope'; registered"):
-        main([*args[:8], "nope", *args[9:], "--overwrite"])
+    assert (
+        rows[0] == "feature,prompt,fired,query_pos,query_token,activation,pre_act,head,contribution"
+    )
+    assert main(args) == 1
+    assert "earlier analysis output of sae-lens-attn; pass" in capsys.readouterr().err
+    assert main([*args[:8], "nope", *args[9:], "--overwrite"]) == 1
+    assert "unknown analyzer 'nope'; registered" in capsys.readouterr().err

@@ -18,6 +18,11 @@ backend against computations that do not go through it. The checks (``CHECKS``):
   non-zero where that norm has a bias); a folded splice matches a pre-hook. Where the folded
   convention is undefined (attention sinks, latent or clamped values), it is refused, with why.
 
+The bridge checks (``BRIDGE_CHECKS``, TransformerLens >= 3 only, slow: a bridge boot each) run
+``z``, ``patterns`` and ``splice`` again through ``TransformerBridge.boot_transformers`` over a
+fresh build of each case, against the same pre-hook references on the Hugging Face model; what
+the bridge is known to fail is in ``BRIDGE_LIMITS``, as strict xfails.
+
 Where a case states something (the output projection, the values module and their layout, the
 norm, the KV heads), it says it here, not through the architecture table, so the table is
 checked against the model rather than against itself.
@@ -28,11 +33,14 @@ outcomes: the test ids ``test_<check>[<case>]``, ``CASES`` and ``CHECKS`` are it
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any, NamedTuple, cast
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import pytest
 import torch
@@ -44,6 +52,11 @@ from torch import Tensor, nn
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, NNsightBackend, backend_for
 from sae_lens_attn.backends import architectures as arch_table
+
+from .hf_twins import make_tokenizer
+
+if TYPE_CHECKING:
+    from sae_lens_attn.backends.bridge import BridgeBackend  # TransformerLens >= 3 only
 
 VOCAB = 64
 CTX = 32
@@ -303,21 +316,9 @@ CHECKS: dict[str, str] = {
 """The checks, by the name of their test function (``test_<check>``)."""
 
 
-def _params() -> list[Any]:
-    return [
-        pytest.param(
-            key,
-            id=key,
-            marks=pytest.mark.skipif(
-                not hasattr(transformers, case.hf_class),
-                reason=f"transformers {transformers.__version__} has no {case.hf_class}",
-            ),
-        )
-        for key, case in CASES.items()
-    ]
-
-
-each_case = pytest.mark.parametrize("key", _params())
+each_case = pytest.mark.parametrize("key", list(CASES))
+"""Every case on both stacks: each class exists in transformers 4.57 and 5.x, so a class that
+goes missing fails its cases rather than skipping them."""
 
 
 # ---- building: seeded weights, the global RNG untouched ----
@@ -670,3 +671,160 @@ def test_falcon_cases_span_its_kv_layouts() -> None:
     assert gqa.new_decoder_architecture and gqa.num_kv_heads == 2
     assert alibi.alibi and not alibi.multi_query and not alibi.parallel_attn
     assert hasattr(layer_of("falcon_gqa", 0), "ln_attn")
+
+
+# ---- z, patterns and splices through TransformerBridge (TransformerLens >= 3) ----
+
+BRIDGE_CHECKS: dict[str, str] = {
+    "bridge_z": "through TransformerBridge, z is the output projection's input (forward pre-hook)",
+    "bridge_patterns": (
+        "through TransformerBridge, patterns are the eager model's output_attentions=True "
+        "attentions"
+    ),
+    "bridge_splice": (
+        "through TransformerBridge, splicing z changes the logits exactly as a pre-hook doing the "
+        "same replacement on the Hugging Face model"
+    ),
+}
+"""The bridge checks, by the name of their test function; ``docs/gen_support_matrix.py`` sums
+them up in its TransformerBridge column."""
+
+
+class BridgeLimit(NamedTuple):
+    """Bridge checks a case is known to fail, as strict xfails: a check that starts passing (a
+    newer TransformerLens) fails the suite until its limit is removed here."""
+
+    checks: tuple[str, ...]
+    """The ``BRIDGE_CHECKS`` it fails."""
+    error: type[Exception]
+    """What they raise."""
+    reason: str
+    """Why, for the docs (measured with TransformerLens 3.9.0 and transformers 5.24.0)."""
+    boots: bool = True
+    """``False``: ``boot_transformers`` itself raises, so the bridge does not support the case."""
+
+
+_MLA_D_HEAD = (
+    "This package's bridge backend takes d_head from bridge.cfg.d_head, which TransformerLens "
+    "sets to 4 here (d_model / n_heads is 8, qk_rope_head_dim 4), while z has v_head_dim = 6 per "
+    "head: hook_z's 24 features do not split into 4 heads of 4 (the bridge's own logits match "
+    "the model's)"
+)
+BRIDGE_LIMITS: dict[str, BridgeLimit] = {
+    "cohere": BridgeLimit(
+        tuple(BRIDGE_CHECKS),
+        AssertionError,
+        "TransformerBridge computes Cohere's attention differently from transformers' "
+        "CohereAttention: its z is off the o_proj input by up to 0.9, and its own logits off the "
+        "model's by 0.05 (largest logit 0.18)",
+    ),
+    "falcon_gqa": BridgeLimit(
+        tuple(BRIDGE_CHECKS),
+        RuntimeError,
+        "TransformerBridge.boot_transformers fails on Falcon's new decoder architecture with "
+        "num_kv_heads=2: it splits the fused query_key_value weight (64 rows) as [32, 8, 8], "
+        "one KV head's worth",
+        boots=False,
+    ),
+    "opt_post_ln": BridgeLimit(
+        ("bridge_splice",),
+        RuntimeError,
+        "The bridge's full forward fails on post-LN OPT (do_layer_norm_before=False, no final "
+        "layer norm): 'Original component not set for model.decoder.final_layer_norm'; captures "
+        "stop before it",
+    ),
+    "deepseek_v2": BridgeLimit(tuple(BRIDGE_CHECKS), RuntimeError, _MLA_D_HEAD),
+    "deepseek_v3": BridgeLimit(tuple(BRIDGE_CHECKS), RuntimeError, _MLA_D_HEAD),
+}
+"""Cases the bridge checks are known to fail on, by case key."""
+
+HAS_BRIDGE = importlib.util.find_spec("transformer_lens.model_bridge") is not None
+
+
+def _bridge_cases(check: str) -> Any:
+    """``each_case`` for a bridge check: slow (a bridge boot each), skipped without
+    TransformerBridge, known failures as strict xfails."""
+    params = []
+    for key in CASES:
+        limit = BRIDGE_LIMITS.get(key)
+        marks = []
+        if limit is not None and check in limit.checks:
+            marks.append(pytest.mark.xfail(raises=limit.error, reason=limit.reason, strict=True))
+        params.append(pytest.param(key, id=key, marks=marks))
+    needs_bridge = pytest.mark.skipif(
+        not HAS_BRIDGE,
+        reason=f"TransformerBridge needs TransformerLens >= 3, not {version('transformer-lens')}",
+    )
+
+    def mark(test: Callable[[str], None]) -> Any:
+        return pytest.mark.slow(needs_bridge(pytest.mark.parametrize("key", params)(test)))
+
+    return mark
+
+
+@cache
+def bridged(key: str) -> BridgeBackend:
+    """The bridge backend over ``TransformerBridge.boot_transformers`` of a fresh build of the
+    case (same weights as ``built(key)``: the bridge re-wraps the modules of the model it gets).
+    Its ``config.architectures`` names the class, as a checkpoint's ``config.json`` does: the
+    bridge picks its adapter by it, and a config built in memory has none. The tokenizer is
+    ``make_tokenizer(VOCAB)`` on disk: ``boot_transformers`` re-reads it from its folder."""
+    from transformer_lens.model_bridge import (  # pyright: ignore[reportMissingImports]
+        TransformerBridge,  # TransformerLens >= 3 only: the bridge tests skip otherwise
+    )
+
+    from sae_lens_attn.backends.bridge import BridgeBackend
+
+    model = built.__wrapped__(key)
+    model.config.architectures = [CASES[key].hf_class]
+    with tempfile.TemporaryDirectory() as folder:
+        make_tokenizer(VOCAB).save_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(
+            f"tiny-{key}", hf_model=model, tokenizer=tokenizer, device="cpu"
+        )
+    b = backend_for(bridge)
+    assert isinstance(b, BridgeBackend)
+    return b
+
+
+@_bridge_cases("bridge_z")
+def test_bridge_z(key: str) -> None:
+    b = bridged(key)
+    site = b.site(1)
+    assert (site.n_heads, site.n_kv_heads) == (N_HEADS, CASES[key].kv_heads)
+    tokens = tokens_for()
+    reference = reference_z(key, tokens)
+    caps = b.capture(tokens, [b.site(0), site], convention="included")
+    for layer, cap in caps.items():
+        torch.testing.assert_close(cap.z.flatten(-2), reference[layer], atol=ATOL, rtol=1e-4)
+
+
+@_bridge_cases("bridge_patterns")
+def test_bridge_patterns(key: str) -> None:
+    b = bridged(key)
+    tokens = tokens_for()
+    with torch.no_grad():
+        attentions = built(key)(tokens, output_attentions=True).attentions
+    reference = reference_z(key, tokens)
+    caps = b.capture(tokens, [b.site(0), b.site(1)], pattern=True, convention="included")
+    for layer, cap in caps.items():
+        assert cap.pattern is not None and cap.pattern.shape == (3, N_HEADS, 12, 12)
+        torch.testing.assert_close(cap.pattern, attentions[layer], atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(cap.z.flatten(-2), reference[layer], atol=ATOL, rtol=1e-4)
+
+
+@_bridge_cases("bridge_splice")
+def test_bridge_splice(key: str) -> None:
+    b = bridged(key)
+    site = b.site(1)
+    tokens = tokens_for()
+    with torch.no_grad():
+        clean = built(key)(tokens).logits
+        with pre_hooks(key, _splice_hook(site, torch.zeros(()))):
+            want = built(key)(tokens).logits
+        with b.splicing({site: _replace}, convention="included"):
+            got = b.forward(tokens)
+    assert got is not None
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+    assert (want - clean).abs().max() > 1e-3

@@ -9,6 +9,7 @@ from sae_lens import SAE
 
 import sae_lens_attn as sla
 from sae_lens_attn.cli.main import main
+from sae_lens_attn.outputs import OUTPUT_MARKER
 
 ROOT = Path(__file__).parent.parent
 
@@ -48,6 +49,7 @@ def test_train_attn_saes_saves_every_layer_and_refuses_to_overwrite(
     saved = sla.train_attn_saes(model, [0, 1], sla.TokenBatches(tokens, 4), **kwargs)
     for layer, folder in saved.items():
         assert sorted(p.name for p in folder.iterdir()) == [
+            OUTPUT_MARKER,
             "cfg.json",
             "sae_weights.safetensors",
             "sparsity.safetensors",
@@ -58,7 +60,7 @@ def test_train_attn_saes_saves_every_layer_and_refuses_to_overwrite(
         "temporary folders left behind"
     )
     before = (saved[0] / "sae_weights.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="refusing to overwrite non-empty SAE folders"):
+    with pytest.raises(FileExistsError, match="earlier sae output of sae-lens-attn; pass"):
         sla.train_attn_saes(model, [0], sla.TokenBatches(tokens, 4), **kwargs)
     assert (saved[0] / "sae_weights.safetensors").read_bytes() == before
 

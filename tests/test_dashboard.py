@@ -18,9 +18,10 @@ from transformers import AutoTokenizer
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
 from sae_lens_attn.cli.main import main
+from sae_lens_attn.outputs import OUTPUT_MARKER
 from sae_lens_attn.viz.dashboard import build_dashboard, collect, saedashboard
 
-from .browser import CHROMIUM, open_page
+from .browser import needs_browser, open_page, save_screenshot
 from .conftest import build_model
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
 from .test_analysis_dfa import random_sae
@@ -140,9 +141,28 @@ def test_panel_data_is_the_dfa_decomposition(tl_model, apply_b_dec_to_input) -> 
             assert ctx.activation == max(ctx.activations[1:])
 
 
+def test_a_feature_that_never_fires_is_shown_as_such(tl_model, tmp_path) -> None:
+    sae: Any = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
+    with torch.no_grad():
+        sae.b_enc[6] = -100.0  # feature 6 never fires on any token
+        sae.b_enc[5] = 100.0  # feature 5 fires on every token
+    tokens = prompts()
+    assert not (sla.analysis.dfa(tl_model, sae, tokens, features=[6]).acts > 0).any()
+    never, fires = collect(tl_model, sae, tokens, [6, 5], n_contexts=3)
+    assert never.contexts == () and never.density == 0 and never.histogram_counts == ()
+    assert fires.contexts and all(ctx.activation > 0 for ctx in fires.contexts)
+    board = build_dashboard(
+        tl_model, sae, tokens, tmp_path / "d", features=[6], engine="own", progress=False
+    )
+    page = board.pages[6].read_text()
+    assert "never fires on these tokens: nothing to attribute" in page
+
+
 def test_features_out_of_range_are_refused(tl_model, tmp_path, capsys) -> None:
     sae = random_sae(AttnSite.from_model(tl_model, 1))
-    with pytest.raises(ValueError, match=r"features \[96, -1\] are out of range.*valid: 0\.\.95"):
+    with pytest.raises(
+        ValueError, match=r"feature indices \[96, -1\] are out of range.*valid: 0\.\.95"
+    ):
         build_dashboard(tl_model, sae, prompts(), tmp_path / "d", features=[1, 96, -1])
     assert not (tmp_path / "d").exists()
     sae.save_model(tmp_path / "sae")
@@ -153,11 +173,11 @@ def test_features_out_of_range_are_refused(tl_model, tmp_path, capsys) -> None:
     args = ["dashboard", "--out", str(tmp_path / "d"), "--model", f"hf:{hf_dir}",
             "--sae", str(tmp_path / "sae"), "--tokens", str(tmp_path / "tokens.pt")]  # fmt: skip
     assert main([*args, "--features", "2,500"]) == 1
-    assert "features [500] are out of range" in capsys.readouterr().err
+    assert "feature indices [500] are out of range" in capsys.readouterr().err
     assert main([*args, "--features", "2,3", "--contexts", "2"]) == 0
     assert "wrote 2 feature pages (own)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
-        "feature_2.html", "feature_3.html", "index.html",
+        OUTPUT_MARKER, "feature_2.html", "feature_3.html", "index.html",
     ]  # fmt: skip
 
 
@@ -190,7 +210,7 @@ def test_evaluate_and_dashboard_on_the_default_model(tmp_path, capsys) -> None:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Chromium at {CHROMIUM}")
+@needs_browser
 @pytest.mark.parametrize("kind", ["transformer_lens", "hugging_face"])
 def test_dashboard_renders_in_chromium(kind, tl_model, tmp_path) -> None:
     model: Any = tl_model if kind == "transformer_lens" else build_hf("gpt2")
@@ -200,10 +220,7 @@ def test_dashboard_renders_in_chromium(kind, tl_model, tmp_path) -> None:
         progress=False,
     )  # fmt: skip
     report = open_page(board.pages[4], RENDERED)
-    shot = REPO / "out" / "screenshots" / f"dashboard_{kind}.png"
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    shot.write_bytes(report.screenshot)
-    print(f"screenshot: {shot}")
+    save_screenshot(report.screenshot, REPO / "out" / "screenshots" / f"dashboard_{kind}.png")
     assert report.errors == ()
     assert report.remote_requests == ()
     assert report.check["dfa"] and report.check["heads"], report.check

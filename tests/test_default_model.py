@@ -164,14 +164,28 @@ def package_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return copy
 
 
-def _load_all() -> None:
-    sla.load_default_model()
-    for sae_id in ("blocks.0", "blocks.1"):
-        SAE.from_pretrained(RELEASE_NAME, sae_id)
+def _load_all() -> tuple[HookedTransformer, dict[str, SAE[Any]]]:
+    model, _ = sla.load_default_model()
+    saes = {
+        sae_id: SAE.from_pretrained(RELEASE_NAME, sae_id) for sae_id in ("blocks.0", "blocks.1")
+    }
+    return model, saes
 
 
 def test_a_copy_of_the_files_loads(package_copy: Path) -> None:
-    _load_all()  # so the failures below come from the damage alone
+    """The loaders read the copy (so the failures below come from the damage alone): what they
+    return is what safetensors reads from the copied files."""
+    model, saes = _load_all()
+    weights = load_file(str(package_copy / model_files.WEIGHTS_FILE))
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), weights[name], rtol=0, atol=0)
+    for sae_id, sae in saes.items():
+        stored = load_file(
+            str(package_copy / "saes" / f"{sae_id}.attn.hook_z" / "sae_weights.safetensors")
+        )
+        assert set(stored) <= dict(sae.named_parameters()).keys()
+        for name, tensor in stored.items():
+            torch.testing.assert_close(getattr(sae, name).detach(), tensor, rtol=0, atol=0)
 
 
 DAMAGED = (
@@ -201,6 +215,17 @@ def test_damaged_file_gives_an_error_naming_it(
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "relative",
+    ["saes/blocks.0.attn.hook_z/sae_weights.safetensors", "saes/blocks.1.attn.hook_z/cfg.json"],
+)
+def test_zero_byte_file_gives_an_error_naming_it(package_copy: Path, relative: str) -> None:
+    (package_copy / relative).write_bytes(b"")
+    with pytest.raises(ValueError, match="corrupted or truncated") as err:
+        _load_all()
+    assert str(package_copy / relative) in str(err.value)
+
+
 @pytest.mark.parametrize("relative", ["model.safetensors", "saes/blocks.0.attn.hook_z/cfg.json"])
 def test_missing_file_gives_an_error_naming_it(package_copy: Path, relative: str) -> None:
     (package_copy / relative).unlink()
@@ -212,6 +237,24 @@ def test_missing_file_gives_an_error_naming_it(package_copy: Path, relative: str
 # --- shipped quality --------------------------------------------------------------------------
 
 
+def independent_sae_metrics(
+    model: HookedTransformer, sae: SAE[Any], rows: torch.Tensor, bos: int
+) -> tuple[float, float]:
+    """L0 and explained variance of ``sae`` on ``rows``, BOS left out, from TransformerLens's
+    hook_z and SAELens's own ``encode``/``decode``: no sae_lens_attn code on the way."""
+    hook = sae.cfg.metadata.hook_name
+    assert sae.cfg.metadata.value_bias_convention == "included"  # z as the model computes it
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows, names_filter=hook)
+        z = cache[hook][rows != bos]  # (tokens, n_heads, d_head): the SAE flattens hook_z itself
+        acts = sae.encode(z)
+        z_hat = sae.decode(acts).reshape(z.shape).flatten(-2).double()
+    z = z.flatten(-2).double()
+    residual = (z - z_hat).pow(2).sum(-1).mean()
+    variance = (z - z.mean(0)).pow(2).sum(-1).mean()
+    return (acts != 0).sum(-1).double().mean().item(), 1 - (residual / variance).item()
+
+
 def test_shipped_metrics_meet_the_targets(metrics: dict[str, Any]) -> None:
     assert metrics["unigram_ce"] - metrics["model_ce"] >= 1.0
     assert max(metrics["induction_scores"][1]) >= 0.5
@@ -221,10 +264,21 @@ def test_shipped_metrics_meet_the_targets(metrics: dict[str, Any]) -> None:
         assert m["ce_loss_recovered"] >= 0.8, sae_id
         assert m["dead_pct"] <= 30, sae_id
         assert m["explained_variance"] >= 0.7, sae_id
-    for sae_id in SAE_IDS:  # the release reports what the metrics file says
-        measured = metrics["saes"][sae_id.removesuffix(".hook_z")]
-        sae = sla.get_release(RELEASE_NAME).sae(sae_id)
-        assert (sae.l0, sae.variance_explained) == (measured["l0"], measured["explained_variance"])
+
+
+@pytest.mark.parametrize("sae_id", SAE_IDS)
+def test_release_numbers_match_an_independent_measurement(
+    default: tuple[HookedTransformer, Any], held_out_rows: torch.Tensor, sae_id: str
+) -> None:
+    """The release's l0 and variance_explained (what SAELens's benchmark checks), against the
+    SAE run through TransformerLens and SAELens alone on held-out rows (a subset of the recipe's
+    evaluation rows, hence the tolerances of ``test_sae_metrics_reproduce_on_held_out_sample``)."""
+    model, tokenizer = default
+    reported = sla.get_release(RELEASE_NAME).sae(sae_id)
+    sae = SAE.from_pretrained(RELEASE_NAME, sae_id)
+    l0, explained = independent_sae_metrics(model, sae, held_out_rows, tokenizer.bos_token_id)
+    assert reported.l0 == pytest.approx(l0, abs=1.0)
+    assert reported.variance_explained == pytest.approx(explained, abs=0.06)
 
 
 def test_model_beats_unigram_on_held_out_sample(
@@ -336,9 +390,22 @@ def test_recipe_smoke_run(tmp_path: Path) -> None:
     assert model.cfg.d_vocab == len(tokenizer) == len(written["unigram_counts"])
     assert set(written["saes"]) == {"blocks.0", "blocks.1"}
     assert torch.tensor(written["induction_scores"]).shape == (2, model.cfg.n_heads)
+    # the recipe's evaluation rows, cut again as it cut them (--smoke: 8 held-out files, context
+    # 32, 16 rows), to measure its SAEs independently of sae_lens_attn
+    held_out = corpus.split_corpus(sysconfig.get_paths()["stdlib"]).held_out[:8]
+    rows = sla.TokenBatches.from_texts(
+        tokenizer, corpus.read_texts(held_out), context_size=32, batch_size=8
+    ).tokens[:16]
+    assert written["eval_tokens"] == rows.numel()
+    bos = tokenizer.bos_token_id
+    assert isinstance(bos, int)
     for layer in range(2):
         sae = SAE.load_from_disk(out / "saes" / sla.AttnSite.from_model(model, layer).hook_name)
         assert sae.cfg.reshape_activations == "hook_z"
-        assert written["saes"][f"blocks.{layer}"]["l0"] == pytest.approx(sae.cfg.k)  # type: ignore[attr-defined]
+        l0, explained = independent_sae_metrics(model, sae, rows, bos)
+        assert written["saes"][f"blocks.{layer}"]["l0"] == pytest.approx(l0, rel=1e-5)
+        assert written["saes"][f"blocks.{layer}"]["explained_variance"] == pytest.approx(
+            explained, abs=1e-4
+        )
     log = (out / "train_log.csv").read_text().splitlines()
     assert log[0] == "step,tokens,loss,induction_l1,elapsed_s" and len(log) >= 2

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from sae_lens_attn.cli.main import build_parser, main
-from sae_lens_attn.default_model.demo import MARKER, DemoOptions, run_demo
+from sae_lens_attn.default_model.demo import DemoOptions, run_demo
+from sae_lens_attn.outputs import read_marker
 
 
 @pytest.mark.slow
@@ -18,7 +19,7 @@ def test_demo_writes_everything_and_can_run_again(tmp_path) -> None:
         out=out, train_tokens=20_000, eval_contexts=16, features=4, progress=False
     )
     result = run_demo(options)
-    assert result.out == out and (out / MARKER).exists()
+    assert result.out == out and read_marker(out)["kind"] == "demo"  # type: ignore[index]
     for relative in (
         "summary.html",
         "summary.md",
@@ -46,7 +47,7 @@ def test_demo_writes_everything_and_can_run_again(tmp_path) -> None:
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not written by the demo"):
+    with pytest.raises(FileExistsError, match="holds files that sae-lens-attn did not write"):
         run_demo(DemoOptions(out=tmp_path, progress=False))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

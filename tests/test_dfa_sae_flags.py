@@ -221,11 +221,13 @@ def test_pre_act_is_saelens_hook_sae_acts_pre(
         close(result.bias, bias[0])  # c_f: what the SAE makes of z = 0
 
     peaks = sla.analysis.dfa_at_peaks(model, sae, toks, feature_chunk=7)
-    at_peaks = peaks.positions[:, None, :]
-    close(peaks.pre_act, pre.gather(1, at_peaks)[:, 0])
-    close(peaks.acts, acts.gather(1, at_peaks)[:, 0])
-    close(peaks.by_src.sum(1) + peaks.bias, peaks.pre_act)
-    assert torch.equal(peaks.fired, peaks.acts > 0)
+    fired = peaks.fired[:, 0]  # (B, F): every feature with a peak fires there
+    assert torch.equal(fired, acts.amax(1) > 0) and torch.equal(fired, peaks.mask[:, 0])
+    at_peaks = peaks.positions.clamp(min=0)
+    close(peaks.pre_act[:, 0][fired], pre.gather(1, at_peaks)[:, 0][fired])
+    close(peaks.acts[:, 0][fired], acts.gather(1, at_peaks)[:, 0][fired])
+    close((peaks.by_src.sum(2) + peaks.bias)[:, 0][fired], peaks.pre_act[:, 0][fired])
+    assert peaks.pre_act[:, 0][~fired].isnan().all()  # no peak: nothing attributed
 
 
 @pytest.mark.parametrize("architecture", ["topk_rescaled", "batchtopk_training"])
@@ -258,7 +260,10 @@ def test_sae_saved_by_the_saelens_runner_is_read_flattened(
     close(result.pre_act, pre)
     close(result.by_src.sum(2) + result.bias, result.pre_act)
     peaks = sla.analysis.dfa_at_peaks(model, sae, toks)
-    close(peaks.pre_act, result.pre_act.gather(1, peaks.positions[:, None])[:, 0])
+    fired = peaks.fired[:, 0]
+    assert fired.any()
+    at_peaks = result.pre_act.gather(1, peaks.positions.clamp(min=0))[:, 0]
+    close(peaks.pre_act[:, 0][fired], at_peaks[fired])
 
 
 def test_unknown_normalisation_is_refused(model, tmp_path) -> None:
@@ -347,4 +352,6 @@ def test_half_precision_models(dtype, sae_in_model_dtype, tmp_path) -> None:
     close(result.pre_act, pre, 1e-4 if not sae_in_model_dtype else HALF_TOLERANCE[dtype])
     close(result.acts, acts, 1e-4 if not sae_in_model_dtype else HALF_TOLERANCE[dtype])
     peaks = sla.analysis.dfa_at_peaks(model, sae, toks)
-    close(peaks.by_src.sum(1) + peaks.bias, peaks.pre_act, HALF_TOLERANCE[dtype])
+    fired = peaks.fired
+    assert fired.any()
+    close((peaks.by_src.sum(2) + peaks.bias)[fired], peaks.pre_act[fired], HALF_TOLERANCE[dtype])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from datasets import Dataset
@@ -11,6 +13,7 @@ from sae_lens import (
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.util import get_special_token_ids
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches, backend_for
@@ -125,6 +128,14 @@ def test_saelens_runner_and_evals_on_a_hugging_face_model(hooked_llama, tmp_path
         train_batch_size_tokens=64,
         n_batches_in_buffer=8,
     )
+    seen: list[torch.Tensor] = []  # the token batches SAELens's evals read, in order
+    read_batch = store.get_batch_tokens
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(read_batch(*args, **kwargs))
+        return seen[-1]
+
+    store.get_batch_tokens = recording  # type: ignore[method-assign]
     metrics, _ = run_evals(
         sae,
         store,
@@ -144,7 +155,23 @@ def test_saelens_runner_and_evals_on_a_hugging_face_model(hooked_llama, tmp_path
     # a random model: ablation need not hurt, but the splice must have changed the loss
     assert ce["ce_loss_with_ablation"] != ce["ce_loss_without_sae"]
     assert ce["ce_loss_with_sae"] != ce["ce_loss_without_sae"]
-    assert 0 < metrics["sparsity"]["l0"] <= 4
+    # L0 recomputed without the facade: z from a pre-hook on the HF o_proj, SAELens's encode, on
+    # the sparsity batches (run_evals reads the reconstruction batches first), special tokens out
+    assert len(seen) == 4
+    tokens = torch.cat(seen[2:])
+    captured: list[torch.Tensor] = []
+    o_proj = hooked_llama.model.get_submodule("model.layers.1.self_attn.o_proj")
+    handle = o_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            hooked_llama.model(tokens)
+    finally:
+        handle.remove()
+    counted = ~torch.isin(tokens, torch.tensor(get_special_token_ids(hooked_llama.tokenizer)))
+    with torch.no_grad():
+        acts = sae.encode(captured[0][counted].unflatten(-1, (4, 8)))  # SAELens flattens hook_z
+    l0 = (acts != 0).sum(-1).double().mean().item()
+    assert metrics["sparsity"]["l0"] == pytest.approx(l0, rel=1e-5)
 
 
 def test_multi_layer_store_through_the_facade_equals_the_plain_model(hooked_llama) -> None:

@@ -17,11 +17,13 @@ import yaml
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from sae_lens import SAE
 from sae_lens.evals import get_downstream_reconstruction_metrics, get_sparsity_and_variance_metrics
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 from sae_lens.training.activation_scaler import ActivationScaler
 from safetensors.torch import load_file
 
 import sae_lens_attn as sla
 from sae_lens_attn.cli.main import main
+from sae_lens_attn.outputs import OUTPUT_MARKER
 from sae_lens_attn.pretrained.model_card import head_shares
 
 from .hub_cache import add_repo, folder_files, use_hub_cache
@@ -73,13 +75,13 @@ def published(model, tokens, tmp_path_factory) -> sla.PublishResult:
 def hub(published, tmp_path, monkeypatch) -> pathlib.Path:
     """The published folder as the Hub would serve it (``upstream/`` is never uploaded)."""
     cache = use_hub_cache(monkeypatch, tmp_path / "hf")
-    add_repo(cache, REPO, folder_files(published.out_dir, skip=("upstream",)))
+    add_repo(cache, REPO, folder_files(published.out_dir, skip=("upstream", OUTPUT_MARKER)))
     return cache
 
 
 def test_published_folders_are_saelens_native_with_attention_metadata(published) -> None:
     assert sorted(p.name for p in published.out_dir.iterdir()) == sorted(
-        [*IDS, "README.md", "upstream"]
+        [*IDS, "README.md", "upstream", OUTPUT_MARKER]
     )
     for layer, sae_id in enumerate(IDS):
         folder = published.out_dir / sae_id
@@ -121,10 +123,10 @@ def test_measured_metrics_are_the_numbers_saelens_evals_compute(published, model
 
     for sae_id, sae in make_saes(model).items():
         sae.turn_off_forward_pass_hook_z_reshaping()  # SAELens's evals flatten hook_z themselves
-        sparsity, _ = get_sparsity_and_variance_metrics(
+        sparsity, features = get_sparsity_and_variance_metrics(
             sae, model, cast(Any, TokenBatches()), ActivationScaler(), n_batches=3, compute_l2_norms=False,
             compute_sparsity_metrics=True, compute_variance_metrics=True,
-            compute_featurewise_density_statistics=False, eval_batch_size_prompts=8,
+            compute_featurewise_density_statistics=True, eval_batch_size_prompts=8,
             model_kwargs={}, ignore_tokens=[0],
         )  # fmt: skip
         recons = get_downstream_reconstruction_metrics(
@@ -137,6 +139,8 @@ def test_measured_metrics_are_the_numbers_saelens_evals_compute(published, model
         assert 0 < ours.l0 < 48
         assert ours.explained_variance == pytest.approx(sparsity["explained_variance"], abs=1e-5)
         assert ours.ce_loss_recovered == pytest.approx(recons["ce_loss_score"], rel=1e-4)
+        dead = 100 * (torch.tensor(features["feature_density"]) == 0).double().mean().item()
+        assert ours.dead_pct == pytest.approx(dead)
 
 
 def test_model_card_reports_metrics_head_attribution_and_loading(published, model) -> None:
@@ -147,10 +151,14 @@ def test_model_card_reports_metrics_head_attribution_and_loading(published, mode
         for value in (f"{m.l0:.2f}", f"{m.ce_loss_recovered:.3f}", f"{m.dead_pct:.1f}"):
             assert f"| {value} |" in row
         assert f"measured on {m.n_tokens} tokens (included z)" in card
-    sae = make_saes(model)[IDS[1]]
-    shares = head_shares(sae.W_dec, sla.AttnSite.from_sae(sae))
-    assert shares.sum().item() == pytest.approx(1.0)
-    assert " ".join(f"{s:.3f}" for s in shares.tolist()) in card
+    # each head's share of the decoder norm, averaged over live features, by hand (4 heads × 8)
+    W_dec = make_saes(model)[IDS[1]].W_dec.detach().double()
+    norms = torch.stack([W_dec[:, h * 8 : (h + 1) * 8].norm(dim=1) for h in range(4)], dim=1)
+    live = norms.sum(1) > 0
+    expected = (norms[live] / norms[live].sum(1, keepdim=True)).mean(0)
+    row = next(line for line in card.splitlines() if line.startswith(f"| `{IDS[1]}` | h"))
+    shown = [float(value) for value in row.rstrip(" |").split("|")[-1].split()]
+    assert shown == pytest.approx(expected.tolist(), abs=5e-4)
     assert f'SAE.from_pretrained("{REPO}", "{IDS[0]}")' in card
     assert f'SAE.from_pretrained("{RELEASE}", "{IDS[0]}")' in card
 
@@ -178,6 +186,7 @@ def test_emitted_loader_test_passes_against_the_published_release(
     published, hub, monkeypatch
 ) -> None:
     monkeypatch.setenv(sla.RELEASES_ENV_VAR, str(published.yaml_entry))
+    sla.pretrained.register_pretrained()  # reads the variable set after import
     spec = importlib.util.spec_from_file_location("emitted_loader_test", published.loader_test)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -186,6 +195,9 @@ def test_emitted_loader_test_passes_against_the_published_release(
     assert len(tests) == 2
     for test in tests:
         test()
+    monkeypatch.delenv(sla.RELEASES_ENV_VAR)
+    sla.pretrained.register_pretrained()
+    assert RELEASE not in get_pretrained_saes_directory()
 
 
 PLUGIN_SCRIPT = """
@@ -344,14 +356,22 @@ def test_publishing_never_overwrites_without_overwrite_and_is_atomic(
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     kwargs: dict[str, Any] = {"release": "safe-attn-z", "repo_id": "me/safe"}
-    with pytest.raises(
-        FileExistsError,
-        match="refusing to publish into .*out: it exists and is not empty; pass overwrite=True",
-    ):
+    for overwrite in (False, True):  # a folder of the user's files is never replaced
+        with pytest.raises(
+            FileExistsError,
+            match=r"refusing to write into .*out: it holds files that sae-lens-attn did not write "
+            r"\('keep.txt'; no ",
+        ):
+            sla.publish(published.sae_dirs, out, overwrite=overwrite, **kwargs)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    sla.publish(published.sae_dirs, out, **kwargs)  # an empty folder is written into
+    with pytest.raises(FileExistsError, match="earlier release output of sae-lens-attn; pass"):
         sla.publish(published.sae_dirs, out, **kwargs)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     sla.publish(published.sae_dirs, out, overwrite=True, **kwargs)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*IDS, "README.md", "upstream"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*IDS, "README.md", "upstream", OUTPUT_MARKER]
+    )
     with pytest.raises(ValueError, match="has no feature densities for sparsity.safetensors"):
         sla.publish(make_saes(model), tmp_path / "never", **kwargs)  # SAE objects, nothing measured
     assert not (tmp_path / "never").exists()
@@ -403,8 +423,9 @@ def test_cli_publish_writes_the_release_and_refuses_to_overwrite(
     ]
     assert (out / "upstream" / "test_cli_attn_z.py").is_file()
     assert main(argv) == 1
-    assert "refusing to publish into" in capsys.readouterr().err
+    assert "earlier release output of sae-lens-attn; pass" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--id", "a", "--id", "b"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "a", "b", "upstream"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [OUTPUT_MARKER, "README.md", "a", "b", "upstream"]
     assert main([*argv, "--id", "only-one"]) == 2
     assert "1 --id for 2 SAE folders" in capsys.readouterr().err

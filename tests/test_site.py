@@ -64,7 +64,7 @@ def test_non_attention_hook_name_is_refused(hook_name) -> None:
 def test_invalid_fields_are_refused() -> None:
     with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
         AttnSite(0, 6, 4, 8)
-    with pytest.raises(ValueError, match="d_head must be an int >= 1"):
+    with pytest.raises(ValueError, match="d_head must be an integer >= 1, got 0"):
         AttnSite(0, 4, 4, 0)
 
 

@@ -2,7 +2,13 @@
 and analyzers by name (``register`` / ``get`` / ``names``, extensible through entry points)."""
 
 from sae_lens_attn.analysis.attribution import DFAResult, dfa
-from sae_lens_attn.analysis.dfa_peaks import PeakDFA, dfa_at_peaks
+from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
+from sae_lens_attn.analysis.families import (
+    FamilyThresholds,
+    FeatureFamilies,
+    classify_families,
+    feature_families,
+)
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores, repeated_random_tokens
 from sae_lens_attn.analysis.induction_heuristics import (
@@ -10,6 +16,21 @@ from sae_lens_attn.analysis.induction_heuristics import (
     InductionReport,
     induction_features,
 )
+from sae_lens_attn.analysis.logits import FeatureLogits, feature_logits
+from sae_lens_attn.analysis.long_prefix import (
+    PrefixEvents,
+    PrefixInduction,
+    prefix_events,
+    prefix_induction,
+)
+from sae_lens_attn.analysis.polysemantic_heads import (
+    HeadFeatures,
+    HeadVerdict,
+    Polysemanticity,
+    head_features,
+    polysemanticity,
+)
+from sae_lens_attn.analysis.recursive_dfa import Contribution, RDFAResult, rdfa
 from sae_lens_attn.analysis.registry import (
     ENTRY_POINT_GROUP,
     AnalysisInput,
@@ -23,17 +44,34 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "AnalysisInput",
     "Analyzer",
+    "Contribution",
     "DFAResult",
+    "FamilyThresholds",
+    "FeatureFamilies",
+    "FeatureLogits",
+    "HeadFeatures",
+    "HeadVerdict",
     "InductionFeature",
     "InductionReport",
-    "PeakDFA",
+    "Polysemanticity",
+    "PrefixEvents",
+    "PrefixInduction",
+    "RDFAResult",
+    "classify_families",
     "dfa",
     "dfa_at_peaks",
+    "feature_families",
+    "feature_logits",
     "get",
     "head_attribution",
+    "head_features",
     "induction_features",
     "induction_scores",
     "names",
+    "polysemanticity",
+    "prefix_events",
+    "prefix_induction",
+    "rdfa",
     "register",
     "repeated_random_tokens",
 ]

@@ -29,9 +29,18 @@ all ``d_sae`` (after ReLU), else 0, where ``activation_scale = ‖W_dec[f]‖`` 
 ``rescale_acts_by_decoder_norm`` and 1 without (``hook_sae_acts_pre`` is before that scaling);
 a BatchTopK training SAE selects over the batch.
 
-Values are projected onto the encoder first (``[batch, s, n_heads, F]``), features in chunks, so
-nothing of shape ``[batch, q, s, n_heads*d_head]`` is ever built. The arithmetic runs in float32
-(float64 if the model or SAE is float64), whatever the model's dtype.
+One kernel, ``attribute``, serves both entry points: ``dfa`` (the same query positions for every
+feature) and ``dfa_at_peaks`` (each feature at its own query, usually its peak). Values are
+projected onto the encoder once per feature chunk with one batched matmul per head-block,
+``[h, F, d_head] @ [h, d_head, batch·s]``; the pattern rows of the queries are then gathered and
+contracted over heads (by source) and over sources (by head). Nothing of shape
+``[batch, q, s, n_heads*d_head]`` or ``[batch, q, s, n_heads, F]`` is ever built. Pre-activations
+are computed at the query positions only. The arithmetic runs in float32 (float64 if the model or
+SAE is float64), whatever the model's dtype.
+
+Entries without a query (a feature that never fires in a prompt, under ``dfa_at_peaks``) have
+position −1, ``fired`` and ``mask`` False and NaN in every value: nothing is attributed to any
+position. Entries at padded query positions have ``mask`` False and zeros.
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ from sae_lens import SAE
 from torch import Tensor
 
 from sae_lens_attn.backends import AttnBackend, AttnCapture, backend_for
+from sae_lens_attn.config.metadata import read_attention_metadata
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
+from sae_lens_attn.validation import check_count, check_features, check_positions, check_tokens
 
 LINEAR_ENCODER_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
 """Architectures whose pre-activation is ``(norm(z) − b_dec) W_enc + b_enc``. A BatchTopK SAE is
@@ -54,8 +65,13 @@ saved by SAELens as JumpReLU (its inference architecture); ``"batchtopk"`` is th
 RESHAPE_ACTIVATIONS = ("hook_z", "none")
 """``reshape_activations`` values DFA accepts: both read z flattened head-major (``"none"`` is what
 SAELens's runner saves for hook_z SAEs)."""
+NO_QUERY = -1
+"""Query position of an entry that has none (a feature that never fires in the prompt)."""
 _ENCODE_BLOCK = 2**24
 """Upper bound on ``tokens × d_sae`` per call of the SAE's ``encode``."""
+_GATHER_BLOCK = 2**24
+"""Upper bound on the gathered pattern rows per feature chunk (elements) when each feature has
+its own queries."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +108,13 @@ NORMALISATIONS: dict[str, InputNormalisation] = {
 
 @dataclass(frozen=True)
 class DFAResult:
-    """DFA of some features at some query positions of a token batch.
+    """DFA of some features at some query positions of a token batch (``dfa``, ``dfa_at_peaks``).
 
-    ``q`` indexes the requested positions (all positions when none were given); entries at padded
-    query positions are zero and ``mask`` is False there.
+    Every entry ``[prompt, q, feature]`` stands for one query position: ``positions`` says which.
+    ``dfa`` gives every feature the same positions (``q`` indexes the requested ones, all by
+    default); ``dfa_at_peaks`` gives each feature its own peak (``q`` = 1). Entries at padded
+    positions are zero with ``mask`` False; entries without a position (``positions`` −1: the
+    feature never fires in the prompt) are NaN with ``mask`` and ``fired`` False.
     """
 
     pre_act: Float[Tensor, " batch q F"]
@@ -104,41 +123,26 @@ class DFAResult:
     """``c_f = b_enc[f] − b_dec · W_enc[:, f]`` (no b_dec term when the SAE does not subtract it
     from its input): the part of ``pre_act`` no source explains."""
     by_src: Float[Tensor, " batch q s F"]
-    """Contribution of each source position, summed over heads (``input_scale`` included)."""
+    """Contribution of each source position, summed over heads (``input_scale`` included);
+    ``by_src.sum(2) + bias == pre_act``."""
     by_head: Float[Tensor, " batch q n_heads F"]
     """Contribution of each head, summed over source positions (``input_scale`` included)."""
     features: Int[Tensor, " F"]
     """The feature indices, in the order of the last dimension."""
-    positions: Int[Tensor, " batch q"]
-    """The query position each ``q`` index stands for."""
-    mask: Bool[Tensor, " batch q"]
-    """True at real (non-padding) query positions."""
+    positions: Int[Tensor, " batch q F"]
+    """The query position of each entry (−1 where there is none)."""
+    mask: Bool[Tensor, " batch q F"]
+    """True where the entry is attributed: a real (non-padding) query position."""
     acts: Float[Tensor, " batch q F"]
     """The SAE's own feature activation there (its ``encode``: ReLU, JumpReLU threshold, TopK
     selection over all features, ``activation_scale``)."""
+    fired: Bool[Tensor, " batch q F"]
+    """True where that activation is positive: the feature fires at the query position."""
     activation_scale: Float[Tensor, " F"]
     """Factor between pre-activation and activation: ``‖W_dec[f]‖`` for TopK/BatchTopK SAEs with
     ``rescale_acts_by_decoder_norm`` (a selected feature's activation is ``scale · pre_act``), else 1."""
-    input_scale: Float[Tensor, " batch q"]
+    input_scale: Float[Tensor, " batch q F"]
     """The per-token factor ``n[q]`` of the SAE's input normalisation (1 without one)."""
-
-
-@dataclass(frozen=True)
-class Attribution:
-    """What the DFA kernel computes: per (prompt, query index, feature), one query position."""
-
-    pre_act: Float[Tensor, " batch q F"]
-    """Encoder pre-activation at the query position."""
-    bias: Float[Tensor, " F"]
-    """``c_f``: the part of ``pre_act`` no source explains."""
-    by_src: Float[Tensor, " batch q s F"]
-    """Contribution of each source position, summed over heads."""
-    by_head: Float[Tensor, " batch q n_heads F"]
-    """Contribution of each head, summed over source positions."""
-    activation_scale: Float[Tensor, " F"]
-    """``DFAResult.activation_scale``."""
-    input_scale: Float[Tensor, " batch pos"]
-    """``n`` at every position of the batch (gather it at the query positions)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,8 @@ def dfa(
 
     Raises:
         ValueError: the SAE is not a hook_z SAE of this model, has an unsupported architecture,
-            normalisation or reshaping, or lives on another device than the model's activations.
+            normalisation or reshaping, or lives on another device than the model's activations;
+            bad tokens, features, positions or attention mask.
 
     Example:
         >>> acts = sla.analysis.dfa(model, sae, tokens, features=[12, 99], positions=peaks)
@@ -193,14 +198,15 @@ def dfa(
     backend = backend_for(model)
     site = AttnSite.from_sae(sae, backend)
     _check_sae(sae)
-    feature_idx = _features(features, sae.cfg.d_sae)
-    query = _positions(positions, tokens)
-    mask = _query_mask(attention_mask, tokens, query)
-
+    tokens = check_tokens(tokens, backend)
+    feature_idx = check_features(features, sae.cfg.d_sae)
+    query = check_positions(positions, tokens)
+    real = real_positions(attention_mask, tokens)
+    feature_chunk = check_count("feature_chunk", feature_chunk)
     capture = dfa_capture(backend, sae, site, tokens, attention_mask)
     assert capture.pattern is not None and capture.values is not None
     check_device(sae, capture.z)
-    out = attribute(
+    return attribute(
         capture.pattern,
         capture.values,
         capture.z_flat,
@@ -208,22 +214,8 @@ def dfa(
         site,
         feature_idx,
         query,
+        real=real,
         feature_chunk=feature_chunk,
-    )
-    rows = torch.arange(tokens.shape[0])[:, None]
-    acts = feature_acts(sae, capture.z[rows, query], feature_idx).to(out.pre_act.dtype)
-    keep = mask.to(out.pre_act.device)[..., None]
-    return DFAResult(
-        pre_act=_zero_unless(keep, out.pre_act),
-        bias=out.bias,
-        by_src=_zero_unless(keep[..., None], out.by_src),
-        by_head=_zero_unless(keep[..., None], out.by_head),
-        features=feature_idx,
-        positions=query,
-        mask=mask,
-        acts=_zero_unless(keep, acts),
-        activation_scale=out.activation_scale,
-        input_scale=out.input_scale[rows, query],
     )
 
 
@@ -236,8 +228,10 @@ def attribute(
     features: Int[Tensor, " F"],
     query: Int[Tensor, " batch q"] | Int[Tensor, " batch q F"],
     *,
-    feature_chunk: int = 1024,
-) -> Attribution:
+    acts: Float[Tensor, " batch pos F"] | None = None,
+    real: Bool[Tensor, " batch pos"] | None = None,
+    feature_chunk: int = 64,
+) -> DFAResult:
     """The DFA kernel on captured tensors: ``dfa`` and ``dfa_at_peaks`` both run it.
 
     Args:
@@ -247,61 +241,152 @@ def attribute(
         sae: the SAE (checked by the caller: ``_check_sae``, ``check_device``).
         site: its attention site.
         features: feature indices.
-        query: query positions shared by all features ``[batch, q]``, or one set per feature
-            ``[batch, q, F]`` (e.g. each feature's peak).
+        query: query positions shared by all features ``[batch, q]``, or one per feature
+            ``[batch, q, F]`` (e.g. each feature's peak; −1 for none).
+        acts: the SAE's activations of ``features`` at every position, if already computed
+            (else its ``encode`` runs at the query positions).
+        real: True at real (non-padding) positions (default: all).
         feature_chunk: features computed at once.
     """
+    feature_chunk = check_count("feature_chunk", feature_chunk)
+    batch, n_pos = z.shape[:2]
     dtype = compute_dtype(pattern, values, z, sae.W_enc)
-    pattern_by_query = pattern.to(dtype).permute(0, 2, 1, 3).contiguous()  # (B, Q, H, S)
-    values, z = values.to(dtype), z.to(dtype)
+    device = z.device
+    z = z.to(dtype)
     terms = encoder_terms(sae, features, dtype)
-    scale = terms.normalisation.scale(z)  # (B, T)
-    query = query.to(z.device)
-    rows = torch.arange(z.shape[0], device=z.device).view(-1, *[1] * (query.ndim - 1))
+    n_features = features.numel()
     shared = query.ndim == 2
-    rows_at_query = pattern_by_query[rows, query] if shared else None  # (B, Q, H, S)
-    parts: dict[str, list[Tensor]] = {"pre_act": [], "by_src": [], "by_head": []}
-    for start in range(0, features.numel(), feature_chunk):
+    query = query.to(device)
+    per_feature = query[..., None].expand(*query.shape, n_features) if shared else query
+    has_query = per_feature >= 0
+    at = per_feature.clamp(min=0)  # (B, Q, F)
+    rows = torch.arange(batch, device=device)[:, None, None]
+    scale = terms.normalisation.scale(z)  # (B, T)
+    scale_at = scale[rows, at]  # (B, Q, F)
+    real = torch.ones(batch, n_pos, dtype=torch.bool, device=device) if real is None else real
+    mask = real.to(device)[rows, at] & has_query
+
+    # Values projected onto each head-block of the encoder: one batched matmul per feature chunk,
+    # [H, F, D] @ [H, D, B·S], both operands contiguous.
+    values_by_head = values.to(dtype).permute(2, 3, 0, 1).reshape(site.n_heads, site.d_head, -1)
+    values_by_head = values_by_head.contiguous()
+    pattern = pattern.to(dtype)
+    pre_act = torch.empty(per_feature.shape, dtype=dtype, device=device)
+    by_src = torch.empty(*per_feature.shape[:2], n_pos, n_features, dtype=dtype, device=device)
+    by_head = torch.empty(
+        *per_feature.shape[:2], site.n_heads, n_features, dtype=dtype, device=device
+    )
+    contract = _Shared(pattern, z, query) if shared else _PerFeature(pattern, z)
+    if not shared:  # the gathered pattern rows are (H, F, B, Q, S): keep them bounded
+        per_feature_rows = site.n_heads * batch * per_feature.shape[1] * n_pos
+        feature_chunk = min(feature_chunk, max(1, _GATHER_BLOCK // per_feature_rows))
+    unit_scale = terms.normalisation.scale is _unit
+    for start in range(0, n_features, feature_chunk):
         chunk = slice(start, start + feature_chunk)
-        w = terms.weight[:, chunk]  # (d_in, F)
-        q = query if shared else query[..., chunk]
-        pre = pre_activation(terms, z, scale, chunk)  # (B, T, F)
-        parts["pre_act"].append(pre[rows, q] if shared else pre.gather(1, q))
-        # v_h[s] · W[h-block, f], contracted with the pattern rows of the query positions
-        projected = torch.einsum("bshd,hdf->bshf", values, w.unflatten(0, (site.n_heads, -1)))
-        if rows_at_query is not None:
-            by_src, by_head = _contract_shared(rows_at_query, projected)
-            n_q = scale[rows, q][..., None, None]  # (B, Q, 1, 1)
-        else:
-            by_src, by_head = _contract_per_feature(pattern_by_query[rows, q], projected)
-            n_q = scale[rows, q][:, :, None, :]  # (B, Q, 1, F)
-        parts["by_src"].append(by_src * n_q)  # n[q] scales a whole pattern row
-        parts["by_head"].append(by_head * n_q)
-    out = {name: torch.cat(tensors, dim=-1) for name, tensors in parts.items()}
-    return Attribution(
-        pre_act=out["pre_act"],
+        weight = terms.weight[:, chunk]  # (d_in, F)
+        weight_by_head = weight.T.reshape(-1, site.n_heads, site.d_head).transpose(0, 1)
+        projected = torch.bmm(weight_by_head.contiguous(), values_by_head)  # (H, F, B·S)
+        projected = projected.unflatten(2, (batch, n_pos))  # (H, F, B, S): v_h[s] · W[h-block, f]
+        src, head, dot = contract(projected, weight, at[..., chunk])
+        n_q = scale_at[..., chunk]
+        if unit_scale:
+            by_src[..., chunk], by_head[..., chunk] = src, head
+            torch.add(dot, terms.bias[chunk], out=pre_act[..., chunk])
+        else:  # n[q] scales a whole pattern row
+            torch.mul(src, n_q[:, :, None], out=by_src[..., chunk])
+            torch.mul(head, n_q[:, :, None], out=by_head[..., chunk])
+            torch.addcmul(terms.bias[chunk], n_q, dot, out=pre_act[..., chunk])
+
+    at_query = _acts_at(sae, z, site, features, acts, at, shared).to(dtype)
+    for values_at, keep in (
+        (pre_act, mask),
+        (at_query, mask),
+        (scale_at, mask),
+        (by_src, mask[:, :, None]),
+        (by_head, mask[:, :, None]),
+    ):
+        _blank(values_at, keep, has_query if keep.ndim == 3 else has_query[:, :, None])
+    return DFAResult(
+        pre_act=pre_act,
         bias=terms.bias,
-        by_src=out["by_src"],
-        by_head=out["by_head"],
+        by_src=by_src,
+        by_head=by_head,
+        features=features,
+        positions=torch.where(has_query, per_feature, NO_QUERY),
+        mask=mask,
+        acts=at_query,
+        fired=mask & (at_query > 0),
         activation_scale=terms.activation_scale,
-        input_scale=scale,
+        input_scale=scale_at,
     )
 
 
-def _contract_shared(
-    rows_at_q: Float[Tensor, " batch q n_heads s"], projected: Float[Tensor, " batch s n_heads F"]
-) -> tuple[Float[Tensor, " batch q s F"], Float[Tensor, " batch q n_heads F"]]:
-    by_src = torch.einsum("bqhs,bshf->bqsf", rows_at_q, projected)
-    by_head = torch.einsum("bqhs,bshf->bqhf", rows_at_q, projected)
-    return by_src, by_head
+class _Shared:
+    """Contraction when every feature has the same query positions ``[batch, q]``."""
+
+    def __init__(self, pattern: Tensor, z: Tensor, query: Tensor) -> None:
+        rows = torch.arange(z.shape[0], device=z.device)[:, None]
+        self.rows_at_query = pattern.permute(0, 2, 1, 3)[rows, query]  # (B, Q, H, S)
+        self.z_at_query = z[rows, query]  # (B, Q, d_in)
+
+    def __call__(
+        self, projected: Tensor, weight: Tensor, at: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        by_src = torch.einsum("bqhs,hfbs->bqsf", self.rows_at_query, projected)
+        by_head = torch.einsum("bqhs,hfbs->bqhf", self.rows_at_query, projected)
+        return by_src, by_head, self.z_at_query @ weight
 
 
-def _contract_per_feature(
-    rows_at_q: Float[Tensor, " batch q F n_heads s"], projected: Float[Tensor, " batch s n_heads F"]
-) -> tuple[Float[Tensor, " batch q s F"], Float[Tensor, " batch q n_heads F"]]:
-    # DFA_f[q_f, h, s] for every (prompt, feature): an elementwise product, no matmul needed.
-    per_head_src = rows_at_q * projected.permute(0, 3, 2, 1)[:, None]  # (B, Q, F, H, S)
-    return per_head_src.sum(3).transpose(2, 3), per_head_src.sum(4).transpose(2, 3)
+class _PerFeature:
+    """Contraction when each feature has its own query positions ``[batch, q, F]``: the pattern
+    row of each (prompt, feature)'s query is gathered and multiplied into the projection."""
+
+    def __init__(self, pattern: Tensor, z: Tensor) -> None:
+        batch, n_heads, n_pos, _ = pattern.shape
+        self.rows = pattern.transpose(0, 1).reshape(n_heads, batch * n_pos, -1)  # (H, B·T, S)
+        self.z = z.flatten(0, 1)  # (B·T, d_in)
+        self.offsets = torch.arange(batch, device=z.device)[None, :, None] * n_pos
+
+    def __call__(
+        self, projected: Tensor, weight: Tensor, at: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n_heads, n_features, batch, n_src = projected.shape
+        n_q = at.shape[1]
+        flat = (at.permute(2, 0, 1) + self.offsets).flatten()  # (F·B·Q): row of z and pattern
+        rows = self.rows.index_select(1, flat).view(n_heads, n_features, batch, n_q, n_src)
+        rows.mul_(projected[:, :, :, None])  # DFA_f[q_f, h, s], per (head, feature, prompt)
+        by_src = rows.sum(0).permute(1, 2, 3, 0)  # (B, Q, S, F)
+        by_head = rows.sum(-1).permute(2, 3, 0, 1)  # (B, Q, H, F)
+        z_at = self.z.index_select(0, flat).view(n_features, batch * n_q, -1)  # (F, B·Q, d_in)
+        dot = torch.bmm(z_at, weight.T[:, :, None]).view(n_features, batch, n_q)
+        return by_src, by_head, dot.permute(1, 2, 0)
+
+
+def _acts_at(
+    sae: SAE[Any],
+    z: Tensor,
+    site: AttnSite,
+    features: Tensor,
+    acts: Tensor | None,
+    at: Tensor,
+    shared: bool,
+) -> Tensor:
+    """The SAE's activations of ``features`` at each entry's query position ``at``."""
+    rows = torch.arange(z.shape[0], device=z.device)[:, None]
+    if acts is not None:
+        return acts.to(z.device).gather(1, at)
+    z_heads = z.unflatten(-1, (site.n_heads, site.d_head))
+    if shared:
+        return feature_acts(sae, z_heads[rows, at[..., 0]], features)  # only the queried tokens
+    return feature_acts(sae, z_heads, features).gather(1, at)
+
+
+def _blank(values: Tensor, keep: Tensor, has_query: Tensor) -> None:
+    """In place: 0 where ``keep`` is False, NaN where there is no query at all."""
+    if not keep.all():
+        values.masked_fill_(~keep, 0.0)
+    if not has_query.all():
+        values.masked_fill_(~has_query, float("nan"))
 
 
 def encoder_terms(sae: SAE[Any], features: Int[Tensor, " F"], dtype: torch.dtype) -> EncoderTerms:
@@ -318,16 +403,6 @@ def encoder_terms(sae: SAE[Any], features: Int[Tensor, " F"], dtype: torch.dtype
     ):
         activation_scale = sae.W_dec.detach()[features].to(dtype).norm(dim=-1)
     return EncoderTerms(weight, bias, activation_scale, normalisation)
-
-
-def pre_activation(
-    terms: EncoderTerms,
-    z: Float[Tensor, " *batch d_in"],
-    scale: Float[Tensor, " *batch"],
-    chunk: slice = slice(None),
-) -> Float[Tensor, " *batch F"]:
-    """``n · (z · weight) + bias`` for the features in ``chunk``: SAELens's ``hook_sae_acts_pre``."""
-    return scale[..., None] * (z @ terms.weight[:, chunk]) + terms.bias[chunk]
 
 
 def feature_acts(
@@ -384,14 +459,6 @@ def dfa_capture(
     return capture
 
 
-def check_tokens(tokens: Tensor) -> None:
-    """Raise ``ValueError`` unless ``tokens`` is a non-empty ``[batch, pos]`` tensor."""
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}"
-        )
-
-
 def encode_z(
     sae: SAE[Any], z: Float[Tensor, " *batch n_heads d_head"]
 ) -> Float[Tensor, " *batch d_sae"]:
@@ -402,7 +469,7 @@ def encode_z(
 
 def sae_convention(sae: SAE[Any], default: ValueBiasConvention) -> ValueBiasConvention:
     """The value-bias convention an SAE was trained on (its metadata, else ``default``)."""
-    return sae.cfg.metadata.get("value_bias_convention", None) or default
+    return read_attention_metadata(sae.cfg.metadata).value_bias_convention or default
 
 
 def _check_sae(sae: SAE[Any]) -> None:
@@ -441,44 +508,15 @@ def _b_enc(sae: SAE[Any]) -> Tensor:
     return torch.zeros(sae.cfg.d_sae, device=sae.W_enc.device) if b_enc is None else b_enc.detach()
 
 
-def _features(features: Tensor | list[int] | None, d_sae: int) -> Tensor:
-    if features is None:
-        return torch.arange(d_sae)
-    idx = torch.as_tensor(features, dtype=torch.long).flatten()
-    if idx.numel() == 0:
-        raise ValueError("features is empty: give at least one feature index, or None for all")
-    bad = idx[(idx < 0) | (idx >= d_sae)]
-    if bad.numel():
-        raise ValueError(
-            f"feature indices {bad.tolist()} are out of range: the SAE has d_sae={d_sae} (valid: 0..{d_sae - 1})"
-        )
-    return idx
-
-
-def _positions(positions: Tensor | None, tokens: Tensor) -> Tensor:
-    check_tokens(tokens)
-    batch, n_pos = tokens.shape
-    if positions is None:
-        return torch.arange(n_pos).expand(batch, n_pos)
-    query = torch.as_tensor(positions, dtype=torch.long)
-    query = query[:, None] if query.ndim == 1 else query
-    if query.ndim != 2 or query.shape[0] != batch:
-        raise ValueError(
-            f"positions must be [batch] or [batch, q] with batch={batch}, got shape {tuple(query.shape)}"
-        )
-    bad = query[(query < 0) | (query >= n_pos)]
-    if bad.numel():
-        raise ValueError(
-            f"positions {bad.tolist()} are out of range for {n_pos} tokens (valid: 0..{n_pos - 1})"
-        )
-    return query
-
-
-def _query_mask(attention_mask: Tensor | None, tokens: Tensor, query: Tensor) -> Tensor:
+def real_positions(
+    attention_mask: Int[Tensor, " batch pos"] | None, tokens: Int[Tensor, " batch pos"]
+) -> Bool[Tensor, " batch pos"]:
+    """True at real (non-padding) positions: where ``attention_mask`` is non-zero (all without)."""
     if attention_mask is None:
-        return torch.ones(query.shape, dtype=torch.bool)
+        return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     if attention_mask.shape != tokens.shape:
         raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens {tuple(tokens.shape)}"
+            f"attention_mask must have the tokens' shape {tuple(tokens.shape)} (1 at real "
+            f"tokens, 0 at padding), got {tuple(attention_mask.shape)}"
         )
-    return attention_mask.bool().gather(1, query)
+    return attention_mask.bool()

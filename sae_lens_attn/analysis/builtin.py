@@ -16,6 +16,7 @@ from sae_lens_attn.analysis.induction_heuristics import default_seq_len, inducti
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
+from sae_lens_attn.validation import check_features
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,10 @@ class _HeadAttribution:
 
 @dataclass(frozen=True)
 class _DFA:
-    description: str = "direct feature attribution at each context's max-activating position"
+    description: str = (
+        "direct feature attribution at each context's max-activating position "
+        "(fired=False rows: the feature never fires in that context, nothing is attributed)"
+    )
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         features = _features(
@@ -52,17 +56,33 @@ class _DFA:
         by_head: Table = []
         for column, feature in enumerate(features):
             for prompt in range(inputs.tokens.shape[0]):
-                if not result.mask[prompt, column]:
+                entry = (prompt, 0, column)
+                if not result.fired[entry]:  # never fires here: no peak, nothing attributed
+                    unfired = {
+                        "feature": feature,
+                        "prompt": prompt,
+                        "fired": False,
+                        "query_pos": None,
+                        "query_token": None,
+                        "activation": 0.0,
+                        "pre_act": None,
+                    }
+                    by_src.append(
+                        unfired | {"source_pos": None, "source_token": None, "contribution": None}
+                    )
+                    by_head.append(unfired | {"head": None, "contribution": None})
                     continue
-                q = int(result.positions[prompt, column])
+                q = int(result.positions[entry])
                 base = {
                     "feature": feature,
                     "prompt": prompt,
+                    "fired": True,
                     "query_pos": q,
                     "query_token": _show(inputs, prompt, q),
-                    "pre_act": float(result.pre_act[prompt, column]),
+                    "activation": float(result.acts[entry]),
+                    "pre_act": float(result.pre_act[entry]),
                 }
-                contributions = result.by_src[prompt, :, column]
+                contributions = result.by_src[prompt, 0, :, column]
                 for s in contributions.abs().argsort(descending=True)[:top_sources].tolist():
                     by_src.append(
                         base
@@ -72,7 +92,7 @@ class _DFA:
                             "contribution": float(contributions[s]),
                         }
                     )
-                for h, value in enumerate(result.by_head[prompt, :, column].tolist()):
+                for h, value in enumerate(result.by_head[prompt, 0, :, column].tolist()):
                     by_head.append(base | {"head": h, "contribution": value})
         return {"dfa_by_src": by_src, "dfa_by_head": by_head}
 
@@ -103,6 +123,8 @@ class _InductionFeatures:
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         options = {k: v for k, v in inputs.options.items() if k in _INDUCTION_OPTIONS}
         options["induction_seq_len"] = induction_seq_len(inputs)
+        if not {"induction_heads", "head_score"} & set(options):  # relative: works on 4 heads
+            options.setdefault("relative_head_score", RELATIVE_HEAD_SCORE)
         report = induction_features(
             inputs.model,
             inputs.sae,
@@ -123,8 +145,13 @@ class _InductionFeatures:
         return {"induction_features": rows, "induction_summary": [summary]}
 
 
+RELATIVE_HEAD_SCORE = 0.9
+"""Default head selection of ``induction_features``: heads within 10% of the layer's best
+induction score (an absolute score selects every head of a small layer whose heads all induct)."""
 _INDUCTION_OPTIONS = (
+    "induction_heads",
     "head_score",
+    "relative_head_score",
     "selection_share",
     "pass_rate",
     "control_share",
@@ -162,11 +189,9 @@ def induction_seq_len(inputs: AnalysisInput) -> int:
 
 def _features(inputs: AnalysisInput, default: Any) -> list[int]:
     given = inputs.options.get("features")
-    features = [int(f) for f in (given if given is not None else default)]
-    bad = [f for f in features if not 0 <= f < inputs.sae.cfg.d_sae]
-    if bad:
-        raise ValueError(f"features {bad} out of range: the SAE has d_sae={inputs.sae.cfg.d_sae}")
-    return features
+    return check_features(
+        given if given is not None else list(default), inputs.sae.cfg.d_sae
+    ).tolist()
 
 
 def _show(inputs: AnalysisInput, prompt: int, pos: int) -> str:

@@ -1,15 +1,15 @@
-"""DFA at each feature's own query position per context, usually its max-activating one.
+"""DFA at each feature's own query position per prompt, usually its max-activating one.
 
 This is what feature dashboards show: for every feature and every prompt, which source positions
-(and heads) drove the feature where it fired hardest. Positions differ per feature, so the DFA
-kernel (``dfa.attribute``) gathers the pattern rows per (prompt, feature); the cost is about one
-``[tokens, d_in] @ [d_in, F]`` matrix multiply, plus one pass of the SAE's ``encode`` to find
-the peaks. Every SAE flag ``dfa`` supports is supported here, by the same kernel.
+(and heads) drove the feature where it fired hardest. It is the DFA kernel (``attribute``) with
+one query per (prompt, feature), returning the same ``DFAResult`` as ``dfa`` with ``q`` = 1.
+Besides the kernel it costs one pass of the SAE's ``encode`` to find the peaks. A feature that
+never fires in a prompt has no peak there: its entry has position −1, ``fired`` False and NaN
+values, never an attribution at some position it did not fire at.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,51 +18,18 @@ from sae_lens import SAE
 from torch import Tensor
 
 from sae_lens_attn.analysis.attribution import (
+    NO_QUERY,
+    DFAResult,
     _check_sae,
-    _features,
-    _zero_unless,
     attribute,
     check_device,
-    check_tokens,
-    compute_dtype,
     dfa_capture,
-    encoder_terms,
     feature_acts,
-    pre_activation,
+    real_positions,
 )
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
-
-
-@dataclass(frozen=True)
-class PeakDFA:
-    """DFA of each feature at one query position per prompt (its peak unless given)."""
-
-    pre_act: Float[Tensor, " batch F"]
-    """Encoder pre-activation at the position (SAELens's ``hook_sae_acts_pre``)."""
-    bias: Float[Tensor, " F"]
-    """``b_enc − b_dec · W_enc`` (no b_dec term when the SAE does not subtract it from its
-    input): the part of ``pre_act`` no source explains."""
-    by_src: Float[Tensor, " batch s F"]
-    """Contribution of each source position, summed over heads."""
-    by_head: Float[Tensor, " batch n_heads F"]
-    """Contribution of each head, summed over source positions."""
-    features: Int[Tensor, " F"]
-    """Feature indices, in the order of the last dimension."""
-    positions: Int[Tensor, " batch F"]
-    """The query position of each (prompt, feature): where its activation is largest, or, for a
-    feature that never fires in the prompt (``fired`` False), where its pre-activation is."""
-    mask: Bool[Tensor, " batch F"]
-    """True where the position is a real token (not padding)."""
-    acts: Float[Tensor, " batch F"]
-    """The SAE's own feature activation at the position (its ``encode``)."""
-    fired: Bool[Tensor, " batch F"]
-    """True where that activation is positive; False where the feature does not fire there
-    (by default: nowhere in the prompt)."""
-    activation_scale: Float[Tensor, " F"]
-    """``DFAResult.activation_scale``: a firing TopK feature's activation is ``scale · pre_act``."""
-    input_scale: Float[Tensor, " batch F"]
-    """The per-token factor of the SAE's input normalisation at the position (1 without one)."""
+from sae_lens_attn.validation import check_count, check_features, check_tokens
 
 
 @torch.no_grad()
@@ -74,8 +41,8 @@ def dfa_at_peaks(
     *,
     peaks: Int[Tensor, " batch F"] | None = None,
     attention_mask: Int[Tensor, " batch pos"] | None = None,
-    feature_chunk: int = 256,
-) -> PeakDFA:
+    feature_chunk: int = 64,
+) -> DFAResult:
     """DFA of every feature at its max-activating position in each prompt (or at ``peaks``).
 
     Args:
@@ -84,116 +51,70 @@ def dfa_at_peaks(
         tokens: token ids ``[batch, pos]``.
         features: feature indices (default: all).
         peaks: the query position per (prompt, feature); default: where the feature's
-            activation is largest in that prompt (padding excluded), and where its pre-activation
-            is largest if it never fires there (``fired`` says which).
+            activation is largest in that prompt (padding excluded), and none (−1) where it
+            never fires there.
         attention_mask: 0 at padding; padding is never attributed.
         feature_chunk: features computed at once.
 
     Returns:
-        A ``PeakDFA`` whose ``by_src.sum(1) + bias`` equals ``pre_act``.
+        A ``DFAResult`` with ``q`` = 1: ``result.by_src[:, 0]`` is ``[batch, s, F]``;
+        ``by_src.sum(2) + bias`` equals ``pre_act`` wherever ``mask`` is True.
+
+    Example:
+        >>> peak = sla.analysis.dfa_at_peaks(model, sae, tokens, features=[12])
+        >>> peak.positions[:, 0, 0], peak.fired[:, 0, 0]   # each prompt's peak, and if it fired
     """
     backend = backend_for(model)
     site = AttnSite.from_sae(sae, backend)
     _check_sae(sae)
-    feature_idx = _features(features, sae.cfg.d_sae)
-    check_tokens(tokens)
+    tokens = check_tokens(tokens, backend)
+    feature_idx = check_features(features, sae.cfg.d_sae)
+    feature_chunk = check_count("feature_chunk", feature_chunk)
     _check_peaks(peaks, tokens, feature_idx)
-    cap = dfa_capture(backend, sae, site, tokens, attention_mask)
-    assert cap.pattern is not None and cap.values is not None
-    check_device(sae, cap.z)
-    acts = feature_acts(sae, cap.z, feature_idx)  # (B, T, F)
-    real = (
-        torch.ones(tokens.shape, dtype=torch.bool)
-        if attention_mask is None
-        else attention_mask.bool()
-    ).to(acts.device)
+    real = real_positions(attention_mask, tokens)
+    capture = dfa_capture(backend, sae, site, tokens, attention_mask)
+    assert capture.pattern is not None and capture.values is not None
+    check_device(sae, capture.z)
+    acts = feature_acts(sae, capture.z, feature_idx)  # (B, T, F)
+    real = real.to(acts.device)
     if peaks is None:
-        peaks = _default_peaks(acts, _pre_acts(sae, cap.z_flat, feature_idx), real)
-    return peak_dfa(
-        cap.pattern,
-        cap.values,
-        cap.z_flat,
+        peaks = peak_positions(acts, real)
+    return attribute(
+        capture.pattern,
+        capture.values,
+        capture.z_flat,
         sae,
         site,
         feature_idx,
-        peaks,
-        feature_chunk,
+        peaks.to(acts.device)[:, None, :],
         acts=acts,
         real=real,
+        feature_chunk=feature_chunk,
     )
 
 
-def peak_dfa(
-    pattern: Float[Tensor, " batch n_heads q s"],
-    values: Float[Tensor, " batch s n_heads d_head"],
-    z: Float[Tensor, " batch q d_in"],
-    sae: SAE[Any],
-    site: AttnSite,
-    features: Int[Tensor, " F"],
-    peaks: Int[Tensor, " batch F"],
-    feature_chunk: int = 256,
-    *,
-    acts: Float[Tensor, " batch q F"] | None = None,
-    real: Bool[Tensor, " batch q"] | None = None,
-) -> PeakDFA:
-    """``dfa_at_peaks`` on captured tensors (values expanded to query heads, z flattened).
-
-    ``acts`` (the SAE's activations of ``features`` at every position) are computed with the
-    SAE's ``encode`` when not given; ``real`` (True at non-padding positions) defaults to all.
-    """
-    peaks = peaks.to(z.device)
-    out = attribute(
-        pattern, values, z, sae, site, features, peaks[:, None, :], feature_chunk=feature_chunk
-    )
-    if acts is None:
-        acts = feature_acts(sae, z.unflatten(-1, (site.n_heads, site.d_head)), features)
-    real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else real
-    at_peak = acts.gather(1, peaks[:, None, :]).squeeze(1).to(out.pre_act.dtype)  # (B, F)
-    mask = real.to(z.device).gather(1, peaks)
-    keep = mask[:, None]
-    return PeakDFA(
-        pre_act=_zero_unless(mask, out.pre_act[:, 0]),
-        bias=out.bias,
-        by_src=_zero_unless(keep, out.by_src[:, 0]),
-        by_head=_zero_unless(keep, out.by_head[:, 0]),
-        features=features,
-        positions=peaks,
-        mask=mask,
-        acts=_zero_unless(mask, at_peak),
-        fired=mask & (at_peak > 0),
-        activation_scale=out.activation_scale,
-        input_scale=out.input_scale.gather(1, peaks),
-    )
-
-
-def _pre_acts(
-    sae: SAE[Any], z: Float[Tensor, " batch pos d_in"], features: Int[Tensor, " F"]
-) -> Float[Tensor, " batch pos F"]:
-    """Pre-activations of ``features`` at every position, as the DFA kernel computes them."""
-    terms = encoder_terms(sae, features, compute_dtype(z, sae.W_enc))
-    z = z.to(terms.weight.dtype)
-    return pre_activation(terms, z, terms.normalisation.scale(z))
-
-
-def _default_peaks(
-    acts: Float[Tensor, " batch pos F"],
-    pre_acts: Float[Tensor, " batch pos F"],
-    real: Bool[Tensor, " batch pos"],
+def peak_positions(
+    acts: Float[Tensor, " batch pos F"], real: Bool[Tensor, " batch pos"]
 ) -> Int[Tensor, " batch F"]:
-    """Each (prompt, feature)'s max-activating real position, or its max pre-activation one
-    where the feature never fires in the prompt."""
-    padding = ~real[..., None]
-    by_act = acts.float().masked_fill(padding, float("-inf")).max(1)
-    by_pre = pre_acts.float().masked_fill(padding, float("-inf")).argmax(1)
-    return torch.where(by_act.values > 0, by_act.indices, by_pre)
+    """Each (prompt, feature)'s max-activating real position; −1 where it never fires."""
+    by_act = acts.float().masked_fill(~real[..., None], float("-inf")).max(1)
+    return torch.where(by_act.values > 0, by_act.indices, NO_QUERY)
 
 
 def _check_peaks(peaks: Tensor | None, tokens: Tensor, features: Tensor) -> None:
     if peaks is None:
         return
-    if peaks.shape != (tokens.shape[0], features.numel()):
+    expected = [tokens.shape[0], features.numel()]
+    if not isinstance(peaks, Tensor) or list(peaks.shape) != expected:
+        shape = list(peaks.shape) if isinstance(peaks, Tensor) else type(peaks).__name__
         raise ValueError(
-            f"peaks must be [batch, F] = {[tokens.shape[0], features.numel()]}, got {list(peaks.shape)}"
+            f"peaks must be a [batch, F] = {expected} tensor of query positions, got {shape}"
         )
-    if ((peaks < 0) | (peaks >= tokens.shape[1])).any():
-        raise ValueError(f"peaks must lie in 0..{tokens.shape[1] - 1}")
+    if peaks.dtype.is_floating_point or peaks.dtype == torch.bool:
+        raise TypeError(f"peaks must hold integer positions, got dtype {peaks.dtype}")
+    bad = peaks[(peaks < 0) | (peaks >= tokens.shape[1])]
+    if bad.numel():
+        raise ValueError(
+            f"peaks {bad.unique()[:10].tolist()} are out of range: peaks must lie in "
+            f"0..{tokens.shape[1] - 1} for {tokens.shape[1]} tokens"
+        )

@@ -23,9 +23,26 @@ def head_attribution(sae: SAE[Any], model: Any = None) -> Float[Tensor, " d_sae 
     Returns:
         ``[d_sae, n_heads]``, every row summing to 1 (a feature with an all-zero decoder row is
         spread evenly over the heads).
+
+    Raises:
+        ValueError: a decoder row holds NaN or infinity, which has no share per head (the message
+            lists the features).
     """
     site = AttnSite.from_sae(sae, model)
-    norms = sae.W_dec.detach().float().unflatten(-1, (site.n_heads, site.d_head)).norm(dim=-1)
+    W_dec = sae.W_dec.detach().float()
+    check_finite_rows(W_dec)
+    norms = W_dec.unflatten(-1, (site.n_heads, site.d_head)).norm(dim=-1)
     total = norms.sum(-1, keepdim=True)
     even = torch.full_like(norms, 1.0 / site.n_heads)
     return torch.where(total > 0, norms / total.clamp_min(torch.finfo(norms.dtype).tiny), even)
+
+
+def check_finite_rows(W_dec: Float[Tensor, " d_sae d_in"]) -> None:
+    """Raise ``ValueError`` if a decoder row holds NaN or infinity (naming those features)."""
+    bad = (~W_dec.isfinite()).any(-1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(
+            f"W_dec rows of features {bad[:10].tolist()}{' ...' if bad.numel() > 10 else ''} "
+            f"({bad.numel()} of {W_dec.shape[0]}) hold NaN or infinity: their decoder norm per "
+            "head, and so their head attribution, is undefined; retrain or drop those features"
+        )

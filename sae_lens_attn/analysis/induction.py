@@ -15,6 +15,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.validation import tokenizer_of
+from sae_lens_attn.validation import vocab_size as model_vocab_size
 
 
 def repeated_random_tokens(
@@ -76,7 +78,7 @@ def induction_scores(
         >>> scores[1].max()   # the best layer-1 head
     """
     backend = backend_for(model)
-    tokenizer = _tokenizer(model)
+    tokenizer = tokenizer_of(backend)
     if bos_token_id is None:
         bos_token_id = getattr(tokenizer, "bos_token_id", None)
         if bos_token_id is None:
@@ -94,7 +96,12 @@ def induction_scores(
         tokens = torch.cat([bos, sequences, sequences], dim=1)
     else:
         if vocab_size is None:
-            vocab_size = _vocab_size(model)
+            vocab_size = model_vocab_size(backend)
+            if vocab_size is None:
+                raise ValueError(
+                    f"cannot find the vocabulary size of a {type(model).__name__}; pass "
+                    "vocab_size= explicitly"
+                )
         if exclude_token_ids is None:
             exclude_token_ids = list(getattr(tokenizer, "all_special_ids", None) or [bos_token_id])
         keep = torch.ones(vocab_size, dtype=torch.bool)
@@ -120,24 +127,3 @@ def induction_scores(
             picked = pattern[:, :, queries, queries - seq_len + 1]  # (B, H, n)
             total[site.layer] += picked.double().sum(dim=(0, 2)).cpu()
     return (total / (n_samples * seq_len)).float()
-
-
-def _tokenizer(model: Any) -> Any:
-    for owner in (model, getattr(model, "model", None)):
-        tokenizer = getattr(owner, "tokenizer", None)
-        if tokenizer is not None:
-            return tokenizer
-    return None
-
-
-def _vocab_size(model: Any) -> int:
-    for owner in (model, getattr(model, "model", None), getattr(model, "_model", None)):
-        cfg = getattr(owner, "cfg", None)
-        if cfg is not None and getattr(cfg, "d_vocab", None):
-            return int(cfg.d_vocab)
-        config = getattr(owner, "config", None)
-        if config is not None and getattr(config, "vocab_size", None):
-            return int(config.vocab_size)
-    raise ValueError(
-        f"cannot find the vocabulary size of a {type(model).__name__}; pass vocab_size= explicitly"
-    )

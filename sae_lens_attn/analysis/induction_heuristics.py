@@ -14,15 +14,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.attribution import _check_sae, dfa_capture, encode_z
+from sae_lens_attn.analysis.attribution import (
+    NO_QUERY,
+    _check_sae,
+    attribute,
+    check_device,
+    dfa_capture,
+    encode_z,
+)
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
+from sae_lens_attn.validation import check_count, check_features, check_tokens, context_limit
 
 Verdict = Literal["induction", "selected, fails behaviour", "control", "neither"]
 
@@ -83,11 +91,13 @@ def induction_features(
     features: Int[Tensor, " F"] | list[int] | None = None,
     induction_heads: list[int] | None = None,
     head_score: float = 0.3,
+    relative_head_score: float | None = None,
     selection_share: float = 0.5,
     pass_rate: float = 0.6,
     control_share: float = 0.2,
     max_contexts: int = 200,
     batch_size: int = 16,
+    feature_chunk: int = 64,
     bos_token_id: int | None = None,
     induction_seq_len: int | None = None,
 ) -> InductionReport:
@@ -101,11 +111,15 @@ def induction_features(
         induction_heads: heads of the SAE's layer to count as induction heads (default: heads whose
             induction score is at least ``head_score``).
         head_score: induction score that makes a head an induction head.
+        relative_head_score: instead of ``head_score``, the share of the layer's best score a head
+            needs (``0.9``: within 10% of the best head), so a layer whose heads all score high
+            still leaves heads for the negative control.
         selection_share: share to induction heads that selects a feature.
         pass_rate: pass rate a selected feature needs to count as induction.
         control_share: share below which a feature is in the negative control.
         max_contexts: contexts tested per feature at most.
         batch_size: rows per forward pass.
+        feature_chunk: features attributed at once (bounds memory).
         bos_token_id: BOS id for the induction scores (default: the tokenizer's).
         induction_seq_len: length of the repeated random sequence scoring the heads (default:
             40, or as long as the model's context allows).
@@ -116,48 +130,55 @@ def induction_features(
     backend = backend_for(model)
     site = AttnSite.from_sae(sae, backend)
     _check_sae(sae)
+    tokens = check_tokens(tokens, backend)
+    batch_size = check_count("batch_size", batch_size)
+    feature_chunk = check_count("feature_chunk", feature_chunk)
     seq_len = induction_seq_len if induction_seq_len is not None else default_seq_len(model)
     scores = induction_scores(model, bos_token_id=bos_token_id, seq_len=seq_len)
     scores = scores[site.layer]
     heads = (
         induction_heads
         if induction_heads is not None
-        else (scores >= head_score).nonzero().flatten().tolist()
+        else (scores >= _head_threshold(scores, head_score, relative_head_score))
+        .nonzero()
+        .flatten()
+        .tolist()
     )
     bad = [h for h in heads if not 0 <= h < site.n_heads]
     if bad:
         raise ValueError(
             f"induction_heads {bad} out of range for {site.n_heads} heads (valid: 0..{site.n_heads - 1})"
         )
-    feature_idx = (
-        torch.arange(sae.cfg.d_sae) if features is None else torch.as_tensor(features).flatten()
-    )
+    feature_idx = check_features(features, sae.cfg.d_sae)
     shares = (
         head_attribution(sae, backend)[:, heads].sum(-1) if heads else torch.zeros(sae.cfg.d_sae)
     )
 
     passes = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     tried = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    W_enc = sae.W_enc.detach()[:, feature_idx]  # (d_in, F)
     for start in range(0, tokens.shape[0], batch_size):
         rows = tokens[start : start + batch_size]
         cap = dfa_capture(backend, sae, site, rows)
         assert cap.pattern is not None and cap.values is not None
-        acts = encode_z(sae, cap.z)[..., feature_idx]  # (B, Q, F) feature activations
-        projected = torch.einsum(
-            "bshd,hdf->bshf", cap.values, W_enc.unflatten(0, (site.n_heads, site.d_head))
-        )
-        for column, feature in enumerate(feature_idx.tolist()):
-            room = max_contexts - int(tried[feature])
-            fired = (acts[..., column] > 0).nonzero()[:room]  # (C, 2): row, query
-            if not len(fired):
+        check_device(sae, cap.z)
+        acts = encode_z(sae, cap.z)[..., feature_idx.to(cap.z.device)]  # (B, Q, F)
+        for chunk in torch.arange(feature_idx.numel()).split(feature_chunk):
+            chunk_features = feature_idx[chunk]
+            query = _contexts(acts[..., chunk] > 0, max_contexts - tried[chunk_features])
+            if query.shape[1] == 0:
                 continue
-            b, q = fired[:, 0], fired[:, 1]
-            by_src = torch.einsum("chs,csh->cs", cap.pattern[b, :, q], projected[b, :, :, column])
-            top = by_src.argmax(-1)
-            ok = (top >= 1) & (top - 1 < q) & (rows[b, (top - 1).clamp(min=0)] == rows[b, q])
-            passes[feature] += int(ok.sum())
-            tried[feature] += len(fired)
+            result = attribute(
+                cap.pattern, cap.values, cap.z_flat, sae, site, chunk_features, query,
+                acts=acts[..., chunk],
+            )  # fmt: skip
+            top = result.by_src.nan_to_num(float("-inf")).argmax(2)  # (B, C, F): top source s*
+            ids = rows.to(top.device)
+            before_top = ids.gather(1, (top - 1).clamp(min=0).flatten(1)).view_as(top)
+            at_query = ids.gather(1, query.clamp(min=0).flatten(1)).view_as(top)
+            ok = (top >= 1) & (top - 1 < query) & (before_top == at_query)
+            tested = query >= 0
+            passes[chunk_features] += (ok & tested).sum((0, 1)).cpu()
+            tried[chunk_features] += tested.sum((0, 1)).cpu()
 
     report_rows = []
     for feature in feature_idx.tolist():
@@ -176,7 +197,7 @@ def induction_features(
         induction_heads=tuple(heads),
         head_scores=tuple(scores.tolist()),
         thresholds={
-            "head_score": head_score,
+            "head_score": _head_threshold(scores, head_score, relative_head_score),
             "selection_share": selection_share,
             "pass_rate": pass_rate,
             "control_share": control_share,
@@ -185,10 +206,33 @@ def induction_features(
     )
 
 
+def _contexts(
+    fired: Bool[Tensor, " batch pos F"], room: Int[Tensor, " F"]
+) -> Int[Tensor, " batch C F"]:
+    """The query positions to test per (prompt, feature): where it fires, the first ``room[f]``
+    contexts of each feature in (prompt, position) order; −1 pads the rest."""
+    n_pos = fired.shape[1]
+    rank = fired.flatten(0, 1).cumsum(0).view_as(fired)  # 1-based, over (prompt, position)
+    take = fired & (rank <= room.to(fired.device).clamp(min=0))
+    width = int(take.sum(1).max()) if take.any() else 0
+    positions = torch.arange(n_pos, device=fired.device)[None, :, None]
+    first = torch.where(take, positions, n_pos).sort(dim=1).values[:, :width]
+    return torch.where(first < n_pos, first, NO_QUERY)
+
+
 def default_seq_len(model: Any) -> int:
     """40, or the longest ``n`` whose ``[BOS, r, r]`` (``2n + 1`` tokens) fits the model's context."""
-    inner = getattr(model, "model", model)
-    n_ctx = getattr(getattr(inner, "cfg", None), "n_ctx", None) or getattr(
-        getattr(inner, "config", None), "max_position_embeddings", None
-    )
-    return 40 if n_ctx is None else max(1, min(40, (int(n_ctx) - 1) // 2))
+    n_ctx = context_limit(model)
+    return 40 if n_ctx is None else max(1, min(40, (n_ctx - 1) // 2))
+
+
+def _head_threshold(scores: Tensor, head_score: float, relative: float | None) -> float:
+    """The induction score a head needs: ``head_score``, or ``relative`` × the layer's best."""
+    if relative is None:
+        return head_score
+    if not 0.0 < relative <= 1.0:
+        raise ValueError(
+            f"relative_head_score must be in (0, 1] (a share of the best head's score), got "
+            f"{relative!r}"
+        )
+    return relative * float(scores.max())

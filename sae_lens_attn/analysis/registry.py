@@ -12,14 +12,17 @@ named tables (lists of records), with a ``description``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
 from torch import Tensor
 
 ENTRY_POINT_GROUP = "sae_lens_attn.analyzers"
+_OWN = "sae-lens-attn"
+"""This package's distribution: its entry points (the built-ins) register first."""
 
 Table = list[dict[str, Any]]
 """Records with the same keys, written by the CLI as CSV or JSON."""
@@ -58,20 +61,16 @@ _entry_points_loaded = False
 def register(name: str, analyzer: Analyzer, *, replace: bool = False) -> None:
     """Register ``analyzer`` under ``name`` (registering the same object again is a no-op).
 
+    The installed entry points (the built-ins among them) are loaded first, so a name they
+    declare is taken even before anything was looked up.
+
     Raises:
-        ValueError: ``name`` is taken by another analyzer and ``replace`` is False.
-        TypeError: ``analyzer`` is not callable or has no ``description``.
+        ValueError: ``name`` is empty, or taken by another analyzer and ``replace`` is False.
+        TypeError: ``name`` is not a string, or ``analyzer`` is not callable or has no
+            ``description``.
     """
-    if not callable(analyzer) or not isinstance(getattr(analyzer, "description", None), str):
-        raise TypeError(
-            f"an analyzer must be callable with a str description, got {type(analyzer).__name__}"
-        )
-    existing = _registry.get(name)
-    if existing is not None and existing is not analyzer and not replace:
-        raise ValueError(
-            f"analyzer {name!r} is already registered; pass replace=True to replace it"
-        )
-    _registry[name] = analyzer
+    _load_entry_points()
+    _add(name, analyzer, replace=replace)
 
 
 def get(name: str) -> Analyzer:
@@ -93,11 +92,67 @@ def names() -> list[str]:
     return sorted(_registry)
 
 
+def _add(name: str, analyzer: Analyzer, *, replace: bool) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"an analyzer name must be a str, got {name!r} ({type(name).__name__})")
+    if not name.strip():
+        raise ValueError(f"an analyzer name must be a non-empty string, got {name!r}")
+    if not callable(analyzer) or not isinstance(getattr(analyzer, "description", None), str):
+        raise TypeError(
+            f"an analyzer must be callable with a str description, got {type(analyzer).__name__}"
+        )
+    existing = _registry.get(name)
+    if existing is not None and existing is not analyzer and not replace:
+        raise ValueError(
+            f"analyzer {name!r} is already registered ({_origin(existing)}); pass replace=True "
+            "to replace it"
+        )
+    _registry[name] = analyzer
+
+
 def _load_entry_points() -> None:
+    """Register every installed entry point once; one that fails to load is left out with a
+    warning naming its distribution, and the others (the built-ins among them) still register."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name not in _registry:
-            register(point.name, point.load())
+    points = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: not _is_own(p))
+    for point in points:
+        where = (
+            f"entry point {point.name} = {point.value!r} of distribution {_distribution(point)!r}"
+        )
+        try:
+            analyzer = point.load()
+        except Exception as err:  # a broken plugin must not take the built-ins down with it
+            warnings.warn(
+                f"analyzer {where} failed to import and is not registered: "
+                f"{type(err).__name__}: {err}",
+                stacklevel=3,
+            )
+            continue
+        existing = _registry.get(point.name)
+        if existing is not None and existing is not analyzer:
+            warnings.warn(
+                f"analyzer {where} is ignored: the name is already registered "
+                f"({_origin(existing)})",
+                stacklevel=3,
+            )
+            continue
+        try:
+            _add(point.name, analyzer, replace=False)
+        except (TypeError, ValueError) as err:
+            warnings.warn(f"analyzer {where} is not registered: {err}", stacklevel=3)
+
+
+def _is_own(point: EntryPoint) -> bool:
+    return _distribution(point).replace("_", "-").lower() == _OWN
+
+
+def _distribution(point: EntryPoint) -> str:
+    dist = getattr(point, "dist", None)
+    return dist.name if dist is not None else "unknown"
+
+
+def _origin(analyzer: Analyzer) -> str:
+    return f"{type(analyzer).__module__}.{type(analyzer).__qualname__}"

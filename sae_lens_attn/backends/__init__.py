@@ -1,10 +1,13 @@
 """Backends: how a model's attention sites are captured and spliced.
 
 ``backend_for(model)`` picks the backend from the model's type; ``SUPPORTED_MODEL_TYPES`` lists them.
+Each backend's module is imported when a model of its type first arrives, so nnsight is imported
+only for a Hugging Face model.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 from weakref import WeakValueDictionary
 
@@ -56,20 +59,33 @@ def backend_for(model: Any) -> AttnBackend:
     return backend
 
 
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face model, plain or wrapped by nnsight.
+
+    Imports nnsight only to build the backend: an nnsight ``Envoy`` exists only once nnsight
+    was imported, so it is looked for only then.
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return True
+    nnsight = sys.modules.get("nnsight")
+    return nnsight is not None and isinstance(model, nnsight.Envoy)
+
+
 def _new_backend(model: Any) -> AttnBackend:
     bridge_backend = _bridge_backend(model)
     if bridge_backend is not None:
         return bridge_backend
-    from nnsight import Envoy
     from transformer_lens import HookedTransformer
-    from transformers import PreTrainedModel
-
-    from sae_lens_attn.backends.nnsight import NNsightBackend
-    from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
 
     if isinstance(model, HookedTransformer):
+        from sae_lens_attn.backends.transformer_lens import TransformerLensBackend
+
         return TransformerLensBackend(model)
-    if isinstance(model, PreTrainedModel | Envoy):
+    if is_hf_model(model):
+        from sae_lens_attn.backends.nnsight import NNsightBackend  # imports nnsight
+
         return NNsightBackend(model)
     raise TypeError(
         f"no sae_lens_attn backend supports models of type {type(model).__module__}."
@@ -102,4 +118,5 @@ __all__ = [
     "ZReplacement",
     "backend_for",
     "expand_kv_heads",
+    "is_hf_model",
 ]

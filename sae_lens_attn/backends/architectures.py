@@ -131,6 +131,14 @@ class HFArchitecture:
     no clamp). Where the config sets it, the values are read clamped the same way, and the
     folded convention is refused (clamped values are not affine in the residual)."""
 
+    position_embeddings: str | None = None
+    """Module (dotted path from the model) whose output is the learned position embeddings
+    added to the residual stream (GPT-2's ``transformer.wpe``); ``None`` where positions do not
+    enter the stream (rotary, ALiBi). Recursive DFA reads it to split them from the tokens'."""
+    sublayer_norms: bool = False
+    """Whether the attention output passes through a norm of its own before it joins the
+    residual stream (Gemma-2/3's post-attention norm, OLMo-2); recursive DFA refuses those."""
+
     def path(self, layer: int, inside: str) -> str:
         """Dotted module path of ``inside`` (e.g. ``self.out_proj``) in decoder layer ``layer``."""
         return f"{self.layers_path}.{layer}.{inside}"
@@ -264,6 +272,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
         values="attn.c_attn",
         values_layout="qkv_blocks",
         attn_norm="ln_1",
+        position_embeddings="transformer.wpe",
     ),
     "GPTNeoXForCausalLM": HFArchitecture(
         layers_path="gpt_neox.layers",
@@ -276,7 +285,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,
     "GemmaForCausalLM": _LLAMA_LIKE,
-    "Gemma2ForCausalLM": _LLAMA_LIKE,
+    "Gemma2ForCausalLM": replace(_LLAMA_LIKE, sublayer_norms=True),
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     "Qwen2MoeForCausalLM": replace(_LLAMA_LIKE, output_attentions=True),
     "StableLmForCausalLM": replace(_LLAMA_LIKE, output_attentions=True),  # LayerNorm with bias
@@ -298,6 +307,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
         attn_norm="self_attn_layer_norm",
         norm_before="do_layer_norm_before",  # False in OPT-350m: the norm follows attention
         output_attentions=True,
+        position_embeddings="model.decoder.embed_positions",
     ),
     "BloomForCausalLM": HFArchitecture(
         layers_path="transformer.h",
@@ -320,7 +330,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "MixtralForCausalLM": _LLAMA_LIKE,
     "Qwen3ForCausalLM": _LLAMA_LIKE,
     "Qwen3MoeForCausalLM": _LLAMA_LIKE,
-    "Gemma3ForCausalLM": _LLAMA_LIKE,
+    "Gemma3ForCausalLM": replace(_LLAMA_LIKE, sublayer_norms=True),
     "PhiForCausalLM": HFArchitecture(
         layers_path="model.layers",
         attn="self_attn",
@@ -338,7 +348,8 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
         attn_norm="input_layernorm",
     ),
     "OlmoForCausalLM": replace(_LLAMA_LIKE, values_clip="clip_qkv"),  # LayerNorm, no parameters
-    "Olmo2ForCausalLM": replace(_LLAMA_LIKE, attn_norm=None),  # norms after the sublayers only
+    # norms after the sublayers only
+    "Olmo2ForCausalLM": replace(_LLAMA_LIKE, attn_norm=None, sublayer_norms=True),
     "CohereForCausalLM": _LLAMA_LIKE,  # LayerNorm without bias, parallel MLP
     "GraniteForCausalLM": _LLAMA_LIKE,
     "GlmForCausalLM": _LLAMA_LIKE,

@@ -241,6 +241,24 @@ class AttnBackend(ABC):
             yield
 
     @abstractmethod
+    def out_proj_weight(self, layer: int) -> Float[Tensor, " d_in d_model"]:
+        """W_O of ``layer`` as the model holds it now, heads concatenated head-major
+        (``[n_heads * d_head, d_model]``): ``z_cat @ W_O`` is the attention output before b_O.
+
+        Raises:
+            ValueError: ``layer`` is out of range.
+        """
+
+    @abstractmethod
+    def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
+        """W_U as the model holds it now: ``resid @ W_U`` are the logits, with no final norm and
+        no unembedding bias applied.
+
+        Raises:
+            ValueError: the model has no unembedding (no LM head).
+        """
+
+    @abstractmethod
     def forward(
         self,
         tokens: Int[Tensor, " batch pos"],

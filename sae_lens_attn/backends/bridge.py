@@ -166,6 +166,18 @@ class BridgeBackend(AttnBackend):
         per_kv_head = _split_heads(out, site.n_kv_heads, site.d_head, site.values_hook_name)
         return expand_kv_heads(per_kv_head[0, 0], site)
 
+    def out_proj_weight(self, layer: int) -> Float[Tensor, " d_in d_model"]:
+        site = self.site(layer)
+        return self.model.blocks[site.layer].attn.W_O.detach().flatten(0, 1)  # (H·D, M)
+
+    def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
+        if getattr(self.model, "unembed", None) is None:
+            raise ValueError(
+                f"this {type(self.model).__name__} has no unembed component, so it has no W_U "
+                "to read logits from; boot it over a causal LM with an LM head"
+            )
+        return self.model.W_U.detach()
+
     @contextmanager
     def capturing(
         self,

@@ -26,8 +26,8 @@ except ImportError:
 from transformer_lens.HookedTransformer import Output
 from transformer_lens.utils import lm_cross_entropy_loss
 
+from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, is_hf_model
 from sae_lens_attn.backends.base import Interventions
-from sae_lens_attn.backends.nnsight import NNsightBackend
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
@@ -74,6 +74,9 @@ class HookedHFModel(HookedRootModule):
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, remote: bool = False) -> None:
+        _check_hf_model(model, "HookedHFModel wraps a Hugging Face causal LM")
+        from sae_lens_attn.backends.nnsight import NNsightBackend  # imports nnsight
+
         super().__init__()
         backend = NNsightBackend(model, tokenizer, remote=remote)
         self.attn_backend = backend
@@ -181,11 +184,15 @@ def hooked(model: Any, tokenizer: Any = None, *, remote: bool = False) -> Any:
 
     A ``HookedTransformer`` (or a model already returned by ``hooked``) comes back unchanged; a
     Hugging Face causal LM (plain or wrapped by nnsight) comes back as a ``HookedHFModel``.
+    nnsight is imported here, on first use, never by ``import sae_lens_attn``.
 
     Args:
         model: the model.
         tokenizer: its tokenizer (needed for text input and to wrap a plain model with nnsight).
         remote: run forward passes on NDIF through nnsight.
+
+    Raises:
+        TypeError: ``model`` is of another type; the message lists the supported types.
 
     Example:
         >>> hooked_model = sla.hooked(AutoModelForCausalLM.from_pretrained("gpt2"), tokenizer)
@@ -193,4 +200,13 @@ def hooked(model: Any, tokenizer: Any = None, *, remote: bool = False) -> Any:
     """
     if isinstance(model, HookedTransformer | HookedHFModel):
         return model
+    _check_hf_model(model, "sla.hooked takes a HookedTransformer or a Hugging Face causal LM")
     return HookedHFModel(model, tokenizer, remote=remote)
+
+
+def _check_hf_model(model: Any, what: str) -> None:
+    if not is_hf_model(model):
+        raise TypeError(
+            f"{what}, got {type(model).__module__}.{type(model).__qualname__}; supported: "
+            f"{[name for name, backend in SUPPORTED_MODEL_TYPES.items() if backend != 'bridge']}"
+        )

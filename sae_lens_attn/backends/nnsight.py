@@ -14,6 +14,7 @@ SDPA model's z, not the eager one.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import reduce
@@ -81,6 +82,8 @@ class NNsightBackend(AttnBackend):
             )
         self._d_head = d_in // self._n_heads
         self._active: list[Interventions] = []
+        # No pass here decodes further, so a KV cache would only cost copies of k and v.
+        self._skip_cache = "use_cache" in inspect.signature(self.model.forward).parameters
 
     @property
     def lm(self) -> Envoy:
@@ -147,6 +150,39 @@ class NNsightBackend(AttnBackend):
         per_kv_head = self.arch.read_values(out[0], site.n_kv_heads, site.d_head)
         return expand_kv_heads(per_kv_head, site)
 
+    def out_proj_weight(self, layer: int) -> Float[Tensor, " d_in d_model"]:
+        """The weight of the architecture row's ``out_proj``, as ``[d_in, d_model]``: a
+        ``Linear`` stores ``[out, in]`` (transposed here), GPT-2's ``Conv1D`` ``[in, out]``."""
+        site = self.site(layer)
+        module = _module_at(self.model, self.arch.out_proj_path(site.layer))
+        weight = module.weight.detach()
+        if isinstance(module, nn.Linear):
+            weight = weight.T
+        elif type(module).__name__ != "Conv1D":
+            raise ValueError(
+                f"the output projection {self.arch.out_proj_path(site.layer)} of "
+                f"{self.arch_name} is a {type(module).__name__}; its W_O can be read from an "
+                "nn.Linear or a transformers Conv1D"
+            )
+        expected = (site.d_in, self.model.config.hidden_size)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"W_O of layer {site.layer} has shape {tuple(weight.shape)}, expected "
+                f"[n_heads * d_head, d_model] = {list(expected)}"
+            )
+        return weight
+
+    def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
+        """``get_output_embeddings().weight``, transposed to ``[d_model, d_vocab]``."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise ValueError(
+                f"{type(self.model).__name__} has no output embeddings "
+                "(get_output_embeddings() is None), so it has no W_U to read logits from; "
+                "use its causal-LM class (with an LM head)"
+            )
+        return head.weight.detach().T
+
     @contextmanager
     def intervening(self, plan: Interventions) -> Iterator[None]:
         """Apply ``plan`` to every ``forward`` inside the block; always removed on exit."""
@@ -191,6 +227,8 @@ class NNsightBackend(AttnBackend):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if plan.patterns and arch.output_attentions:  # weights only when asked (OPT, ...)
             kwargs["output_attentions"] = True
+        if self._skip_cache:
+            kwargs["use_cache"] = False
         if self.remote:  # only then: nnsight.NNsight passes unknown keywords to the HF forward
             kwargs["remote"] = True
         grad = torch.is_grad_enabled()  # the trace body runs in another thread

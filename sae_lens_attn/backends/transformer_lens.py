@@ -59,6 +59,19 @@ class TransformerLensBackend(AttnBackend):
             return bias
         return bias + torch.einsum("m,hmd->hd", ln_bias.to(bias.dtype), block.attn.W_V)
 
+    def out_proj_weight(self, layer: int) -> Float[Tensor, " d_in d_model"]:
+        site = self.site(layer)
+        return self.model.blocks[site.layer].attn.W_O.detach().flatten(0, 1)  # (H·D, M)
+
+    def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
+        unembed = getattr(self.model, "unembed", None)
+        if unembed is None:
+            raise ValueError(
+                f"{type(self.model).__name__} has no unembed module, so it has no W_U to read "
+                "logits from; a HookedTransformer built with an unembedding is needed"
+            )
+        return unembed.W_U.detach()
+
     @contextmanager
     def intervening(self, plan: Interventions) -> Iterator[None]:
         """Attach the plan's callbacks to hook points as forward hooks; always detach them."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,15 @@ from tqdm.auto import tqdm
 from sae_lens_attn.analysis import AnalysisInput, dfa_at_peaks, get, head_attribution, names
 from sae_lens_attn.analysis.registry import Table
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.cli.arguments import UsageError, count, integers, key_value
 from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
-from sae_lens_attn.outputs import staging_dir
+from sae_lens_attn.outputs import OUTPUT_MARKER, atomic_output, check_output
+from sae_lens_attn.viz.analysis_plots import table_plots
+from sae_lens_attn.viz.induction_plots import induction_table_plots
 from sae_lens_attn.viz.plots import dfa_tokens_html, head_attribution_heatmap, html_page
+
+OUTPUT_KIND = "analysis"
+"""Kind of output folder ``analyze`` writes (see ``sae_lens_attn.outputs``)."""
 
 
 def add_parser(commands: Any) -> None:
@@ -24,7 +29,9 @@ def add_parser(commands: Any) -> None:
         "analyze",
         help="run named analyzers on a model, an SAE and text; write tables and plots",
         description="Run analyzers (see --list) and write their tables (CSV or JSON) and plots "
-        "(head-attribution heatmap PNG, DFA-highlighted tokens HTML) into --out.",
+        "(head-attribution heatmap PNG, DFA-highlighted tokens HTML, and feature-logit, "
+        "family-count and head-family PNGs, prefix-induction PNGs and an RDFA tree HTML for "
+        "those analyzers) into --out.",
     )
     parser.add_argument(
         "--list", action="store_true", help="list the registered analyzers and exit"
@@ -43,27 +50,60 @@ def add_parser(commands: Any) -> None:
         help="comma-separated names (default: head_attribution,dfa)",
     )
     parser.add_argument(
-        "--features", help="comma-separated feature indices (default: the most active)"
+        "--features",
+        type=integers,
+        help="comma-separated feature indices (default: the most active)",
     )
     parser.add_argument(
         "--top",
-        type=int,
+        type=count(),
         default=8,
         help="features to analyze when --features is not given (default: 8)",
     )
     parser.add_argument(
-        "--context-size", type=int, default=128, help="tokens per context for --text (default: 128)"
+        "--context-size",
+        type=count(),
+        default=128,
+        help="tokens per context for --text (default: 128)",
     )
     parser.add_argument(
-        "--max-prompts", type=int, default=64, help="contexts to use at most (default: 64)"
+        "--max-prompts", type=count(), default=64, help="contexts to use at most (default: 64)"
     )
     parser.add_argument(
         "--format", choices=["csv", "json"], default="csv", help="table format (default: csv)"
     )
     parser.add_argument(
-        "--out", help="output folder (must not exist or be empty, unless --overwrite)"
+        "--option",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="an analyzer option, repeatable, the value read as JSON where it parses: "
+        "position=40, prefix_lengths=[1,2,4], match=fuzzy (see each analyzer's module)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--upstream-sae",
+        action="append",
+        default=[],
+        metavar="SAE",
+        help="an SAE of an earlier layer, for rdfa (folder or RELEASE:ID; repeatable)",
+    )
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument(
+        "--induction-heads",
+        type=integers,
+        help="induction_features: the layer's heads to count as induction heads, e.g. 0,1",
+    )
+    heads.add_argument(
+        "--induction-threshold",
+        type=float,
+        help="induction_features: share of the layer's best induction score a head needs to "
+        "count as an induction head (default: 0.9)",
+    )
+    parser.add_argument("--out", help="output folder: new, empty, or (with --overwrite) ours")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an --out an earlier analyze wrote"
+    )
     parser.set_defaults(run=run)
 
 
@@ -73,14 +113,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<20} {get(name).description}")
         return 0
     if not args.sae or not args.out:
-        raise SystemExit("analyze: --sae and --out are required (or --list)")
+        raise UsageError("analyze needs --sae and --out (or --list)")
     wanted = [name.strip() for name in args.analyzers.split(",") if name.strip()]
     analyzers = {
         name: get(name) for name in wanted
     }  # unknown names fail here, listing the valid ones
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"analyze: {out} is not empty; pass --overwrite to replace it")
+    out = check_output(args.out, kind=OUTPUT_KIND, overwrite=args.overwrite)
 
     model, tokenizer = load_model(args.model)
     sae = load_sae(args.sae)
@@ -95,22 +133,27 @@ def run(args: argparse.Namespace) -> int:
     if getattr(tokenizer, "bos_token_id", None) is not None:
         options["bos_token_id"] = tokenizer.bos_token_id
     if args.features:
-        options["features"] = [int(f) for f in args.features.split(",")]
+        options["features"] = args.features
+    if args.induction_heads is not None:
+        options["induction_heads"] = args.induction_heads
+    if args.induction_threshold is not None:
+        options["relative_head_score"] = args.induction_threshold
+    options |= {key: _option_value(value) for key, value in args.option}
+    if args.upstream_sae:
+        options["upstream_saes"] = [load_sae(spec) for spec in args.upstream_sae]
     inputs = AnalysisInput(backend_for(model), sae, tokens, tokenizer=tokenizer, options=options)
 
-    tmp = staging_dir(out)
-    try:
+    with atomic_output(out, kind=OUTPUT_KIND, overwrite=args.overwrite) as tmp:
+        tables: dict[str, Table] = {}
         for analyzer in tqdm(analyzers.values(), desc="analyzers", unit="analyzer"):
             for table_name, table in analyzer(inputs).items():
                 _write_table(table, tmp / f"{table_name}.{args.format}")
+                tables[table_name] = table
         _plots(inputs, tmp, options)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+        table_plots(tables, tmp)
+        induction_table_plots(tables, tmp)
+    written = sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER)
+    print(f"wrote {', '.join(written)} to {out}")
     return 0
 
 
@@ -130,22 +173,43 @@ def _plots(inputs: AnalysisInput, folder: Path, options: dict[str, Any]) -> None
     features = options.get("features") or top_features(inputs, options["top"])
     shares = head_attribution(inputs.sae, inputs.model)[features]
     head_attribution_heatmap(shares, features, folder / "head_attribution.png")
-    peak = dfa_at_peaks(inputs.model, inputs.sae, inputs.tokens, features=features)
+    peak = dfa_at_peaks(
+        inputs.model,
+        inputs.sae,
+        inputs.tokens,
+        features=features,
+        attention_mask=inputs.attention_mask,
+    )
     sections = []
     for column, feature in enumerate(features):
-        prompt = int(peak.pre_act[:, column].argmax())
-        query = int(peak.positions[prompt, column])
+        fired = peak.fired[:, 0, column]
+        if not fired.any():
+            sections.append(
+                f"<h3>feature {feature}: never fires in the given tokens; nothing attributed</h3>"
+            )
+            continue
+        prompt = int(peak.acts[:, 0, column].masked_fill(~fired, float("-inf")).argmax())
+        query = int(peak.positions[prompt, 0, column])
         text = [_decode(inputs.tokenizer, t) for t in inputs.tokens[prompt, : query + 1].tolist()]
+        pre_act = float(peak.pre_act[prompt, 0, column])
         sections.append(
             dfa_tokens_html(
                 text,
-                peak.by_src[prompt, : query + 1, column],
+                peak.by_src[prompt, 0, : query + 1, column],
                 query,
-                title=f"feature {feature}: pre-activation {float(peak.pre_act[prompt, column]):.3f} "
+                title=f"feature {feature}: pre-activation {pre_act:.3f} "
                 f"at prompt {prompt}, position {query}",
             )
         )
     (folder / "dfa.html").write_text(html_page("DFA over source tokens", sections))
+
+
+def _option_value(text: str) -> Any:
+    """``--option`` values: JSON where they parse (numbers, lists, true), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _decode(tokenizer: Any, token: int) -> str:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sae_lens_attn.cli.arguments import count
 from sae_lens_attn.default_model.demo import DemoOptions, run_demo
 
 
@@ -27,7 +28,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--layer",
-        type=int,
+        type=count(minimum=0),
         default=defaults.layer,
         help=f"layer to train, evaluate and analyse (default: {defaults.layer})",
     )
@@ -39,19 +40,19 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--train-tokens",
-        type=int,
+        type=count(),
         default=defaults.train_tokens,
         help=f"tokens the fresh SAE trains on (default: {defaults.train_tokens})",
     )
     parser.add_argument(
         "--eval-contexts",
-        type=int,
+        type=count(),
         default=defaults.eval_contexts,
         help=f"held-out contexts to evaluate and analyse on (default: {defaults.eval_contexts})",
     )
     parser.add_argument(
         "--features",
-        type=int,
+        type=count(),
         default=defaults.features,
         help=f"features in the dashboards, induction features first (default: {defaults.features})",
     )

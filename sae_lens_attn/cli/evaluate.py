@@ -8,17 +8,18 @@ import difflib
 import html
 import json
 import math
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
+from sae_lens_attn.cli.arguments import count
 from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
 from sae_lens_attn.evaluation import Evaluation, evaluate
-from sae_lens_attn.outputs import staging_dir
+from sae_lens_attn.outputs import atomic_output, check_output
 from sae_lens_attn.site import AttnSite
 from sae_lens_attn.viz.plots import html_page, layer_metrics_html, layer_metrics_png
 
+OUTPUT_KIND = "evaluation"
+"""Kind of output folder ``evaluate --out`` writes (see ``sae_lens_attn.outputs``)."""
 COLUMNS = (
     ("layer", "layer", "{}"),
     ("sae", "SAE", "{}"),
@@ -51,7 +52,7 @@ TABLE_NOTE = (
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "evaluate",
-        help="evaluate the SAEs of a release (or SAE folders): L0, loss recovered, dead %, ...",
+        help="evaluate the SAEs of a release (or SAE folders): L0, loss recovered, dead %%, ...",
         description="Evaluate attention SAEs on a model and text or tokens, and print the "
         "per-layer table (Markdown). With --out, also write evaluation.json and per-layer plots.",
     )
@@ -61,41 +62,39 @@ def add_parser(commands: Any) -> None:
     saes.add_argument("--sae", nargs="+", metavar="SAE", help="SAE folders or RELEASE:ID")
     parser.add_argument("--text", help="text file, cut into BOS-led contexts")
     parser.add_argument("--tokens", help="a .pt file holding [prompts, ctx] token ids")
-    parser.add_argument("--context-size", type=int, default=128, help="tokens per context")
-    parser.add_argument("--max-prompts", type=int, default=64, help="contexts to use at most")
-    parser.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    parser.add_argument("--context-size", type=count(), default=128, help="tokens per context")
+    parser.add_argument("--max-prompts", type=count(), default=64, help="contexts to use at most")
+    parser.add_argument("--batch-size", type=count(), default=8, help="contexts per forward pass")
     parser.add_argument("--out", help="folder for evaluation.json and per_layer.png/.html")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an --out an earlier evaluate wrote"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = Path(args.out) if args.out else None
-        if out is not None and out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise ValueError(f"{out} is not empty; pass --overwrite to replace it")
-        specs = release_specs(args.release) if args.release else list(args.sae)
-        model, tokenizer = load_model(args.model)
-        tokens = load_tokens(
-            text=args.text, tokens=args.tokens, tokenizer=tokenizer,
-            context_size=args.context_size, max_prompts=args.max_prompts,
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_output(out, kind=OUTPUT_KIND, overwrite=args.overwrite)
+    specs = release_specs(args.release) if args.release else list(args.sae)
+    model, tokenizer = load_model(args.model)
+    tokens = load_tokens(
+        text=args.text, tokens=args.tokens, tokenizer=tokenizer,
+        context_size=args.context_size, max_prompts=args.max_prompts,
+    )  # fmt: skip
+    rows = []
+    for spec in specs:
+        sae = load_sae(spec)
+        result = evaluate(
+            model, sae, tokens, tokenizer=tokenizer, context_size=args.context_size,
+            batch_size=args.batch_size,
         )  # fmt: skip
-        rows = []
-        for spec in specs:
-            sae = load_sae(spec)
-            result = evaluate(
-                model, sae, tokens, tokenizer=tokenizer, context_size=args.context_size,
-                batch_size=args.batch_size,
-            )  # fmt: skip
-            rows.append(table_row(spec, sae, result))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        rows.append(table_row(spec, sae, result))
     rows.sort(key=lambda row: row["layer"])
     print(markdown_table(rows))
     print(f"\n{TABLE_NOTE}")
     if out is not None:
-        _write(rows, out, title=args.release or "SAEs")
+        _write(rows, out, title=args.release or "SAEs", overwrite=args.overwrite)
         print(f"wrote evaluation.json, per_layer.png, per_layer.html to {out}")
     return 0
 
@@ -162,11 +161,8 @@ def _cell(fmt: str, value: Any) -> str:
     return fmt.format(value)
 
 
-def _write(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out)
-    try:
-        tmp.chmod(0o755)
+def _write(rows: list[dict[str, Any]], out: Path, *, title: str, overwrite: bool) -> None:
+    with atomic_output(out, kind=OUTPUT_KIND, overwrite=overwrite) as tmp:
         (tmp / "evaluation.json").write_text(json.dumps(rows, indent=1))
         layer_metrics_png(rows, tmp / "per_layer.png", title=title)
         (tmp / "per_layer.html").write_text(
@@ -175,8 +171,3 @@ def _write(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
                 [html_table(rows), f"<p>{html.escape(TABLE_NOTE)}</p>", layer_metrics_html(rows)],
             )
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from sae_lens_attn.store import TokenBatches
+from sae_lens_attn.validation import check_sae_folder
 
 
 def load_model(spec: str) -> tuple[Any, Any]:
@@ -38,11 +39,25 @@ def load_model(spec: str) -> tuple[Any, Any]:
 
 
 def load_sae(spec: str) -> Any:
-    """An SAE from a folder (SAELens format) or ``RELEASE:ID`` (SAELens's pretrained directory)."""
+    """An SAE from a folder (SAELens format) or ``RELEASE:ID`` (SAELens's pretrained directory).
+
+    Raises:
+        FileNotFoundError: the folder lacks ``cfg.json`` or ``sae_weights.safetensors`` (named).
+        ValueError: a file of the folder is corrupt, empty or truncated, or ``cfg.json`` does not
+            describe a SAELens SAE (the message names the file); or ``spec`` is neither form.
+    """
     from sae_lens import SAE
+    from sae_lens.constants import SAE_CFG_FILENAME
 
     if Path(spec).is_dir():
-        return SAE.load_from_disk(spec)
+        folder = check_sae_folder(spec)
+        try:
+            return SAE.load_from_disk(folder)
+        except (KeyError, TypeError) as err:  # SAELens builds its config from cfg.json
+            raise ValueError(
+                f"{str(folder / SAE_CFG_FILENAME)!r} does not describe a SAELens SAE: "
+                f"{type(err).__name__}: {err}"
+            ) from None
     release, sep, sae_id = spec.rpartition(":")
     if not sep or not release:
         raise ValueError(f"SAE {spec!r} is neither a folder nor RELEASE:ID")

@@ -1,4 +1,9 @@
-"""The ``sae-lens-attn`` command line (also ``python -m sae_lens_attn``)."""
+"""The ``sae-lens-attn`` command line (also ``python -m sae_lens_attn``).
+
+Each subcommand is one module of ``SUBCOMMANDS`` with ``add_parser(commands)``, which adds its
+parser and sets ``run`` (``args -> exit status``); adding a subcommand is adding its module there.
+Errors of the input are reported here, once, for every subcommand (see ``EXIT_STATUS``).
+"""
 
 from __future__ import annotations
 
@@ -6,122 +11,85 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sae_lens_attn.cli import analyze, dashboard, demo, evaluate
+import sae_lens
 
+from sae_lens_attn import __version__
+from sae_lens_attn.cli import (
+    analyze,
+    dashboard,
+    demo,
+    evaluate,
+    explore,
+    info,
+    publish,
+    releases,
+    train,
+)
+from sae_lens_attn.cli.arguments import UsageError
 
-def _info(_args: argparse.Namespace) -> int:
-    import sae_lens
+SUBCOMMANDS = (info, releases, train, analyze, evaluate, dashboard, demo, explore, publish)
+"""The subcommand modules, in the order ``--help`` lists them."""
 
-    import sae_lens_attn
-    from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
-    from sae_lens_attn.config.sae_configs import ATTN_TRAINING_CLASSES
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
+"""Errors a subcommand raises for input it refuses (a bad value, file, release, SAE or output
+folder; ``OSError`` covers missing files, refused folders and permissions); reported as one
+``error:`` line. Anything else is a bug and keeps its traceback."""
 
-    print(f"sae-lens-attn {sae_lens_attn.__version__} (SAELens {sae_lens.__version__})")
-    print("attention SAE architectures registered with SAELens:")
-    for name, (_, cfg_cls) in ATTN_TRAINING_CLASSES.items():
-        print(f"  {name:<16} saved as '{cfg_cls.inference_architecture}'")
-    print("model types with a backend:")
-    for model_type, backend in sae_lens_attn.SUPPORTED_MODEL_TYPES.items():
-        print(f"  {model_type:<40} {backend}")
-    print("Hugging Face architectures in the table:")
-    for name, arch in HF_ARCHITECTURES.items():
-        print(f"  {name:<24} z = input of {arch.out_proj_path(0).replace('.0.', '.<L>.')}")
-    return 0
-
-
-def _publish(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from sae_lens_attn.pretrained import publish
-
-    ids = args.id or [Path(folder).name for folder in args.sae_dirs]
-    if len(ids) != len(args.sae_dirs):
-        print(
-            f"error: {len(ids)} --id for {len(args.sae_dirs)} SAE folders; give one per folder",
-            file=sys.stderr,
-        )
-        return 2
-    bad = [link for link in args.link or [] if "=" not in link]
-    if bad:
-        print(f"error: --link expects KEY=URL, got {bad}", file=sys.stderr)
-        return 2
-    links = dict(link.split("=", 1) for link in args.link or [])
-    try:
-        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        result = publish(
-            dict(zip(ids, args.sae_dirs, strict=True)),
-            args.out,
-            release=args.release,
-            repo_id=args.repo_id,
-            metrics=metrics,
-            model_name=args.model_name,
-            links=links,
-            overwrite=args.overwrite,
-            push=args.push,
-            private=args.private,
-        )
-    except (ValueError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"published release {result.release.name!r} ({len(result.sae_dirs)} SAEs) to {result.out_dir}"
-    )
-    print(f"  model card:      {result.model_card}")
-    print(f"  SAELens entry:   {result.yaml_entry}")
-    print(f"  SAELens test:    {result.loader_test}")
-    if result.commit:
-        print(f"  pushed to https://huggingface.co/{args.repo_id} (commit {result.commit})")
-    print(result.yaml_entry.read_text(), end="")
-    return 0
+EXIT_STATUS = """\
+exit status:
+  0    done
+  1    the input was refused: a bad file, value, release, SAE or output folder (the message
+       says what was expected, what was given and the valid choices)
+  2    the command line is wrong: unknown, missing or inconsistent flags, or a bad value
+  130  interrupted
+errors print one 'error: ...' line; --debug shows their traceback instead"""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``sae-lens-attn`` and of every subcommand of ``SUBCOMMANDS``."""
     parser = argparse.ArgumentParser(
         prog="sae-lens-attn",
         description="Sparse autoencoders on attention layer outputs (hook_z) for SAELens.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__} (SAELens {sae_lens.__version__})",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    info = commands.add_parser(
-        "info", help="show versions, registered architectures and supported models"
-    )
-    info.set_defaults(run=_info)
-    publish = commands.add_parser(
-        "publish",
-        help="write saved SAEs as a release: SAELens folders, model card, SAELens YAML entry",
-        description="Write saved attention SAEs as a release folder (SAELens-native SAE folders, "
-        "README.md model card, upstream/pretrained_saes.yaml and upstream/test_<release>.py for a "
-        "SAELens pull request), and with --push upload it to the Hugging Face Hub as one commit. "
-        "Metrics come from --metrics; to measure them on tokens use sae_lens_attn.publish.",
-    )
-    publish.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="saved SAE folders")
-    publish.add_argument("--release", required=True, help="release name (no '/')")
-    publish.add_argument("--repo-id", required=True, help="Hugging Face repository owner/name")
-    publish.add_argument("--out", required=True, help="folder to write")
-    publish.add_argument(
-        "--id", action="append", help="SAE id per folder, in order (default: folder names)"
-    )
-    publish.add_argument("--model-name", help="model name for the YAML entry (e.g. gpt2-small)")
-    publish.add_argument(
-        "--metrics",
-        help="JSON file: {sae_id: {l0, ce_loss_recovered, dead_pct, explained_variance}}",
-    )
-    publish.add_argument("--link", action="append", metavar="KEY=URL", help="YAML entry link")
-    publish.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    publish.add_argument("--push", action="store_true", help="upload to the Hugging Face Hub")
-    publish.add_argument("--private", action="store_true", help="create the repository private")
-    publish.set_defaults(run=_publish)
-    analyze.add_parser(commands)
-    evaluate.add_parser(commands)
-    dashboard.add_parser(commands)
-    demo.add_parser(commands)
+    for module in SUBCOMMANDS:
+        module.add_parser(commands)
+    for subparser in commands.choices.values():  # also accepted after the subcommand
+        subparser.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the traceback of errors",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sae-lens-attn`` console script."""
+    """Entry point of the ``sae-lens-attn`` console script: the exit status (``EXIT_STATUS``).
+
+    Command-line errors found by argparse raise ``SystemExit(2)`` as argparse does.
+    """
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except INPUT_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"error: {str(err) or type(err).__name__}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
 
 from sae_lens_attn.config.sae_configs import ATTN_TRAINING_CLASSES
 
@@ -12,8 +12,9 @@ from sae_lens_attn.config.sae_configs import ATTN_TRAINING_CLASSES
 def register_training_classes() -> None:
     """Register the ``attn_*`` training architectures with SAELens.
 
-    An entry already registered by this package (an earlier import or a reload) is replaced by
-    the current classes; a name taken by another package is an error, never silently overwritten.
+    New names go through SAELens's ``register_sae_training_class``. An entry already registered
+    by this package (an earlier import or a reload) is replaced by the current classes; a name
+    taken by another package is an error, never silently overwritten.
     """
     for name, classes in ATTN_TRAINING_CLASSES.items():
         existing = SAE_TRAINING_CLASS_REGISTRY.get(name)
@@ -22,7 +23,10 @@ def register_training_classes() -> None:
                 f"SAELens training architecture {name!r} is already registered by "
                 f"{existing[0].__module__}; sae_lens_attn cannot register its own"
             )
-        SAE_TRAINING_CLASS_REGISTRY[name] = classes  # type: ignore[assignment]
+        if existing is None:
+            register_sae_training_class(name, *classes)  # SAELens's public registration
+        elif existing != classes:  # a reload of this package: SAELens has no way to replace
+            SAE_TRAINING_CLASS_REGISTRY[name] = classes  # type: ignore[assignment]
 
 
 def _ours(entry: tuple[Any, ...]) -> bool:

@@ -24,14 +24,15 @@ from sae_lens import (
 from sae_lens.registry import get_sae_class
 from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainStepInput, TrainStepOutput
 
-from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, hf_architecture
+from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
+from sae_lens_attn.config.metadata import attention_metadata
 from sae_lens_attn.site import (
     VALUE_BIAS_CONVENTIONS,
     AttnSite,
     ValueBiasConvention,
     convention_of_model_kwargs,
-    folded_model_kwargs,
 )
+from sae_lens_attn.validation import check_count
 
 AttnArchitecture = Literal["standard", "topk", "jumprelu", "batchtopk"]
 """Base SAELens architectures with an attention variant; its registered name is ``attn_<base>``."""
@@ -55,12 +56,15 @@ class AttnTrainingFields:
 
     base_architecture: ClassVar[str]
     inference_architecture: ClassVar[str]
+    fractional_k: ClassVar[bool] = False
+    """Whether ``k`` (TopK-style configs) may be fractional: BatchTopK's is a mean per token."""
 
     @classmethod
     def architecture(cls) -> str:
         return f"attn_{cls.base_architecture}"
 
     def __post_init__(self) -> None:
+        self._check_counts()
         super().__post_init__()  # type: ignore[misc]
         d_in: int = self.d_in  # type: ignore[attr-defined]
         if not isinstance(self.n_heads, int) or self.n_heads < 1 or d_in % self.n_heads:
@@ -82,6 +86,25 @@ class AttnTrainingFields:
                 f"unknown hf_architecture {self.hf_architecture!r}; valid: {sorted(HF_ARCHITECTURES)}"
             )
         self.site_for(self.metadata.hook_name)  # type: ignore[attr-defined]
+
+    def _check_counts(self) -> None:
+        """``d_in`` and ``d_sae`` are counts; a TopK-style ``k`` is in ``1..d_sae``."""
+        cfg: Any = self
+        cfg.d_in = check_count("d_in", cfg.d_in)
+        cfg.d_sae = check_count("d_sae", cfg.d_sae)
+        if not hasattr(cfg, "k"):
+            return
+        if not self.fractional_k:
+            cfg.k = check_count("k", cfg.k)
+        elif isinstance(cfg.k, bool) or not isinstance(cfg.k, int | float) or not cfg.k > 0:
+            raise ValueError(
+                f"k must be a number > 0 (mean active features per token), got {cfg.k!r}"
+            )
+        if cfg.k > cfg.d_sae:
+            raise ValueError(
+                f"k={cfg.k} exceeds d_sae={cfg.d_sae}: the SAE keeps k of its d_sae features "
+                "active per token; choose k <= d_sae"
+            )
 
     def site_for(self, hook_name: str | None) -> AttnSite | None:
         """The site this config trains on at ``hook_name`` (``None`` while it is unknown)."""
@@ -109,26 +132,13 @@ class AttnTrainingFields:
         site = self.site_for(meta.hook_name)
         if site is None:
             raise ValueError("cannot save an attention SAE whose metadata has no hook_name")
-        kwargs = dict(meta.model_from_pretrained_kwargs or {})
-        convention = self.value_bias_convention or convention_of_model_kwargs(kwargs)
-        if convention == "folded":
-            # SAELens workflows load models with these kwargs: make them deliver folded z.
-            kwargs = folded_model_kwargs(kwargs)
-        return {
-            "hook_name": site.hook_name,
-            "layer": site.layer,
-            "n_heads": site.n_heads,
-            "n_kv_heads": site.n_kv_heads,
-            "d_head": site.d_head,
-            "value_bias_convention": convention,
-            "hf_architecture": self.hf_architecture,
-            "hf_module_path": (
-                hf_architecture(self.hf_architecture).out_proj_path(site.layer)
-                if self.hf_architecture
-                else None
-            ),
-            "model_from_pretrained_kwargs": kwargs,
-        }
+        kwargs = meta.model_from_pretrained_kwargs or {}
+        return attention_metadata(
+            site,
+            self.value_bias_convention or convention_of_model_kwargs(kwargs),
+            hf_architecture=self.hf_architecture,
+            model_from_pretrained_kwargs=kwargs,
+        )
 
 
 @dataclass(kw_only=True)
@@ -161,6 +171,7 @@ class AttnBatchTopKTrainingSAEConfig(AttnTrainingFields, BatchTopKTrainingSAECon
 
     base_architecture: ClassVar[str] = "batchtopk"
     inference_architecture: ClassVar[str] = "jumprelu"
+    fractional_k: ClassVar[bool] = True
 
 
 class AttnTrainingChecks:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import html
-import shutil
 import sysconfig
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from sae_lens_attn.analysis import AnalysisInput, get, head_attribution, induction_features
 from sae_lens_attn.default_model import RELEASE_NAME, corpus, load_default_model
 from sae_lens_attn.evaluation import evaluate
-from sae_lens_attn.outputs import staging_dir
+from sae_lens_attn.outputs import atomic_output
 from sae_lens_attn.store import TokenBatches
 from sae_lens_attn.training.train import train_attn_saes
 from sae_lens_attn.viz.dashboard.build import build_dashboard
@@ -34,8 +33,8 @@ INDUCTION_HEAD_SCORE = 0.75
 """Induction score that makes a head an induction head here. All four layer-1 heads of the
 default model score above 0.6 on repeated random tokens; the two above 0.75 are also the two
 strongest on repeated real code, and the others leave room for a negative control."""
-MARKER = ".sae-lens-attn-demo"
-"""File that marks a folder as written by the demo, so a later demo may replace it."""
+OUTPUT_KIND = "demo"
+"""Kind of output folder the demo writes; a later demo replaces only a folder of this kind."""
 SUMMARY_METRICS = (
     "l0",
     "loss_recovered_zero",
@@ -93,24 +92,13 @@ def run_demo(options: DemoOptions) -> DemoResult:
     """Run the demo into ``options.out``; see the module docstring.
 
     Raises:
-        FileExistsError: ``out`` is a non-empty folder that an earlier demo did not write.
+        FileExistsError: ``out`` is a non-empty folder that an earlier demo did not write
+            (``sae_lens_attn.outputs.check_output``).
     """
     start = time.perf_counter()
     out = options.out
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise FileExistsError(
-            f"{out} is not empty and was not written by the demo; choose another --out"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out)
-    try:
+    with atomic_output(out, kind=OUTPUT_KIND, overwrite=True) as tmp:
         result = _run(options, tmp, start)
-        (tmp / MARKER).write_text("written by sae-lens-attn demo\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _moved(result, tmp, out)
 
 

@@ -1,9 +1,9 @@
 """The package-local release ``stdlib-2l-attn-z``: the default model's SAEs, read from the package.
 
 SAELens resolves ``SAE.from_pretrained("stdlib-2l-attn-z", "blocks.1")`` through its own path:
-its pretrained directory (where ``register_default_release`` puts the release with the registry
-of ``sae_lens_attn.pretrained``) names the conversion function ``PACKAGED_CONVERSION_FUNC``, whose
-loader, registered in SAELens's ``NAMED_PRETRAINED_SAE_LOADERS``, reads the SAELens-native files
+its pretrained directory (where ``register_default_release`` puts the release through
+``sae_lens_attn.pretrained.directory``) names the conversion function ``PACKAGED_CONVERSION_FUNC``,
+whose loader, registered in SAELens's ``NAMED_PRETRAINED_SAE_LOADERS``, reads the SAELens-native files
 (``cfg.json``, ``sae_weights.safetensors``, ``sparsity.safetensors``) from the installed package
 instead of the Hugging Face hub. Nothing is downloaded.
 """
@@ -16,16 +16,15 @@ from typing import Any
 import torch
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import (
-    NAMED_PRETRAINED_SAE_CONFIG_GETTERS,
-    NAMED_PRETRAINED_SAE_LOADERS,
     get_sae_lens_config_from_disk,
     read_sae_components_from_disk,
 )
 from safetensors import safe_open
 
+from sae_lens_attn.config.metadata import read_attention_metadata
 from sae_lens_attn.default_model import model as model_files
 from sae_lens_attn.pretrained import Release, ReleaseSAE
-from sae_lens_attn.pretrained.directory import register_packaged_release
+from sae_lens_attn.pretrained.directory import register_converter, register_packaged_release
 from sae_lens_attn.site import AttnSite
 
 RELEASE_NAME = "stdlib-2l-attn-z"
@@ -55,12 +54,16 @@ def get_packaged_sae_config(
     ``force_download`` is accepted for the protocol and ignored: nothing is downloaded.
 
     Raises:
-        ValueError: ``repo_id`` is not this release's, or ``cfg.json`` is corrupted (named).
+        ValueError: ``repo_id`` is not this release's, or ``cfg.json`` is corrupted or its
+            attention metadata is inconsistent (named).
         FileNotFoundError: the SAE's ``cfg.json`` is missing (named).
     """
     folder = _folder(repo_id, folder_name)
-    model_files.read_json(_verified(folder / SAE_CFG_FILENAME))
-    return get_sae_lens_config_from_disk(folder, device, cfg_overrides)
+    cfg_path = _verified(folder / SAE_CFG_FILENAME)
+    model_files.read_json(cfg_path)
+    cfg = get_sae_lens_config_from_disk(folder, device, cfg_overrides)
+    read_attention_metadata(cfg.get("metadata", {}), d_in=cfg.get("d_in"), source=str(cfg_path))
+    return cfg
 
 
 def packaged_sae_loader(
@@ -149,17 +152,7 @@ def register_default_release() -> Release:
     Raises:
         ValueError: another package registered a loader under ``PACKAGED_CONVERSION_FUNC``.
     """
-    for table, function in (
-        (NAMED_PRETRAINED_SAE_LOADERS, packaged_sae_loader),
-        (NAMED_PRETRAINED_SAE_CONFIG_GETTERS, get_packaged_sae_config),
-    ):
-        existing = table.get(PACKAGED_CONVERSION_FUNC)
-        if existing is not None and existing is not function:
-            raise ValueError(
-                f"SAELens loader {PACKAGED_CONVERSION_FUNC!r} is already registered by "
-                f"{getattr(existing, '__module__', existing)}; sae_lens_attn cannot register its own"
-            )
-        table[PACKAGED_CONVERSION_FUNC] = function  # type: ignore[assignment]
+    register_converter(PACKAGED_CONVERSION_FUNC, packaged_sae_loader, get_packaged_sae_config)
     return register_packaged_release(default_release())
 
 

@@ -1,39 +1,49 @@
-"""Our releases inside SAELens's pretrained directory and loader tables.
+"""Our releases and loaders inside SAELens's pretrained directory and loader tables.
 
-SAELens reads releases from ``get_pretrained_saes_directory()``, an ``lru_cache`` over its
-packaged YAML. ``register_pretrained()`` (run at ``import sae_lens_attn``, idempotent, no network)
-registers this package's converters and puts a thin wrapper in front of that function, in
-``sae_lens.loading.pretrained_saes_directory`` and in every module that imported it: each call
-returns SAELens's cached dict with our releases merged in, so they survive ``cache_clear()``.
+This is the one module that writes to SAELens's pretrained tables. SAELens 6.54 has no public
+function to add a release or a loader, so it writes to the two places SAELens reads:
+
+- the loader tables ``NAMED_PRETRAINED_SAE_LOADERS`` / ``NAMED_PRETRAINED_SAE_CONFIG_GETTERS``
+  (public module-level dicts, which ``SAE.from_pretrained`` reads by ``conversion_func``);
+- the directory: the dict that ``get_pretrained_saes_directory()`` (a ``functools.cache`` over
+  SAELens's packaged YAML) returns. Every SAELens lookup calls that function and reads the one
+  cached dict, so releases added to it resolve by name. No SAELens name is rebound.
+
+``tests/test_pretrained_releases.py`` pins the SAELens behaviour this relies on. What follows
+from it: SAELens's YAML is parsed when ``sae_lens_attn`` is imported (the dict must exist to be
+added to), and ``get_pretrained_saes_directory.cache_clear()`` builds a new dict without our
+releases; ``register_pretrained()`` (or any function of this module) puts them back.
 
 Three sources of releases, all in SAELens's YAML format:
 
-- the package's own (``releases.yaml``: ``gpt2-small-attn-z``);
+- the package's own (``releases.yaml``: ``gpt2-small-attn-z``; ``stdlib-2l-attn-z``);
 - releases registered with ``register_release``;
 - the files named by the environment variable ``SAE_LENS_ATTN_RELEASES`` (paths separated by
-  ``os.pathsep``), read on every lookup, so setting it after import works.
-
-A name that SAELens already uses is refused: ``register_release`` and release files raise.
+  ``os.pathsep``), read at import and again by every function of this module, so a change of the
+  variable after import takes effect at the next ``register_pretrained()``. A file that cannot
+  be read (missing, a folder, not text, not YAML, invalid releases) or a release whose name is
+  taken is left out with one warning naming the variable and the file; it never breaks SAELens's
+  own releases.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from sae_lens.loading import pretrained_saes_directory as saes_directory_module
 from sae_lens.loading.pretrained_sae_loaders import (
     NAMED_PRETRAINED_SAE_CONFIG_GETTERS,
     NAMED_PRETRAINED_SAE_LOADERS,
 )
-from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
+from sae_lens.loading.pretrained_saes_directory import (
+    PretrainedSAELookup,
+    get_pretrained_saes_directory,
+)
 
 from sae_lens_attn.pretrained.kissane import (
     KISSANE_CONVERSION_FUNC,
@@ -50,55 +60,69 @@ CONVERTERS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 }
 """``conversion_func`` name → (loader, config getter) this package adds to SAELens's tables."""
 
-_DIRECTORY_FUNCTION = "get_pretrained_saes_directory"
-_HOOK_MARK = "_sae_lens_attn_directory_hook"
-
 _packaged: dict[str, Release] = {}
 _registered: dict[str, Release] = {}
-_added: dict[str, tuple[Release, PretrainedSAELookup]] = {}
-_env_cache: dict[tuple[str, int, int], dict[str, Release]] = {}
-_warned: set[str] = set()
+_from_env: dict[str, Release] = {}
+_added: dict[str, PretrainedSAELookup] = {}
+"""Lookups this module put into SAELens's directory, by release name."""
+_merged_into: list[dict[str, PretrainedSAELookup]] = []
+"""The directory dict ``_added`` refers to (a new one after ``cache_clear``)."""
+_env_files: dict[str, str] = {}
+"""Release name → the file named by the environment variable that defines it."""
+_env_cache: dict[tuple[str, int, int], dict[str, Release] | str] = {}
+_warned: set[tuple[str, ...]] = set()
 
 
 def register_pretrained() -> None:
-    """Register the converters and releases of this package with SAELens (idempotent).
+    """Register this package's converters and releases with SAELens (idempotent, offline).
 
-    Reads only files inside the package: no network, and SAELens's own YAML is not parsed here.
+    Call it again after changing ``SAE_LENS_ATTN_RELEASES`` or after
+    ``get_pretrained_saes_directory.cache_clear()``.
 
     Raises:
         ValueError: another package registered a converter under one of our names.
     """
     for name, (loader, config_getter) in CONVERTERS.items():
-        for table, function in (
-            (NAMED_PRETRAINED_SAE_LOADERS, loader),
-            (NAMED_PRETRAINED_SAE_CONFIG_GETTERS, config_getter),
-        ):
-            existing = table.get(name)
-            if existing is not None and not _ours(existing):
-                raise ValueError(
-                    f"SAELens loader {name!r} is already registered by "
-                    f"{getattr(existing, '__module__', existing)}; sae_lens_attn cannot register its own"
-                )
-            table[name] = function  # type: ignore[assignment]
+        register_converter(name, loader, config_getter)
     packaged = files("sae_lens_attn.pretrained").joinpath("releases.yaml")
     _packaged.update(  # keeps releases added by register_packaged_release
         parse_releases_yaml(
             packaged.read_text(encoding="utf-8"), source="sae_lens_attn releases.yaml"
         )
     )
-    _install_directory_hook()
-    _refresh()
+    _sync()
+
+
+def register_converter(
+    name: str, loader: Callable[..., Any], config_getter: Callable[..., Any]
+) -> None:
+    """Put a loader and its config getter into SAELens's tables as ``conversion_func`` ``name``.
+
+    An entry of this package (an earlier import or a reload) is replaced.
+
+    Raises:
+        ValueError: another package registered a loader under ``name``.
+    """
+    for table, function in (
+        (NAMED_PRETRAINED_SAE_LOADERS, loader),
+        (NAMED_PRETRAINED_SAE_CONFIG_GETTERS, config_getter),
+    ):
+        existing = table.get(name)
+        if existing is not None and not _ours(existing):
+            raise ValueError(
+                f"SAELens loader {name!r} is already registered by "
+                f"{getattr(existing, '__module__', existing)}; sae_lens_attn cannot register its own"
+            )
+        table[name] = function  # type: ignore[assignment]
 
 
 def register_packaged_release(release: Release) -> Release:
     """Add a release shipped inside this package (idempotent, offline).
 
-    Packaged releases are this package's own, like those of ``releases.yaml``: the name is
-    checked against SAELens's directory only when that directory is built, where SAELens's own
-    release of the same name wins with a warning. So nothing here parses SAELens's YAML.
+    Where SAELens itself ships a release of the same name, SAELens's entry wins, with a warning.
     """
     _packaged[release.name] = release
-    _refresh()
+    _sync()
     return release
 
 
@@ -113,6 +137,7 @@ def register_release(release: Release, *, replace: bool = False) -> Release:
         ``release``.
 
     Raises:
+        TypeError: ``release`` is not a ``Release``.
         ValueError: the name is a SAELens release, a release of this package or of a releases
             file, or was registered with different contents (without ``replace``); or its
             ``conversion_func`` is not a registered loader (the message lists them).
@@ -121,6 +146,13 @@ def register_release(release: Release, *, replace: bool = False) -> Release:
         >>> sla.register_release(sla.Release(name="my-attn-saes", repo_id="me/attn-saes",
         ...     model="gpt2-small", saes=(sla.ReleaseSAE("blocks.3", "blocks.3.attn.hook_z"),)))
     """
+    if not isinstance(release, Release):
+        raise TypeError(
+            f"register_release expects a sae_lens_attn.Release, got {type(release).__name__}; "
+            "supported: Release (build one with Release(name=..., repo_id=..., model=..., "
+            "saes=...), or from a pretrained_saes.yaml entry with "
+            "Release.from_yaml_entry(name, entry))"
+        )
     _check_conversion_func(release)
     name = release.name
     if name in _packaged:
@@ -128,8 +160,7 @@ def register_release(release: Release, *, replace: bool = False) -> Release:
             f"release name {name!r} is a release of sae_lens_attn; choose another name"
         )
     check_not_saelens_release(name, "register_release")
-    env = _env_releases()
-    if name in env:
+    if name in _from_env:
         raise ValueError(
             f"release {name!r} is already defined in a releases file named by {RELEASES_ENV_VAR} "
             f"({os.environ.get(RELEASES_ENV_VAR)}); define it in one place only"
@@ -141,7 +172,7 @@ def register_release(release: Release, *, replace: bool = False) -> Release:
             "to replace it"
         )
     _registered[name] = release
-    _refresh()
+    _sync()
     return release
 
 
@@ -157,7 +188,7 @@ def unregister_release(name: str) -> None:
             f"{sorted(_registered)}"
         )
     del _registered[name]
-    _refresh()
+    _sync()
 
 
 def get_release(name: str) -> Release:
@@ -167,10 +198,10 @@ def get_release(name: str) -> Release:
         ValueError: there is no such release; the message lists the attention releases and the
             closest SAELens release names.
     """
+    directory = _sync()
     ours = attention_releases()
     if name in ours:
         return ours[name]
-    directory = _base_directory()()
     if name in directory:
         return Release.from_lookup(directory[name])
     saelens_names = [n for n in directory if n not in ours]
@@ -183,87 +214,20 @@ def get_release(name: str) -> Release:
 
 
 def attention_releases() -> dict[str, Release]:
-    """Releases this package adds to SAELens's directory: its own, registered ones and those of
-    the files named by ``SAE_LENS_ATTN_RELEASES``."""
-    return {**_packaged, **_registered, **_env_releases()}
+    """Releases this package has in SAELens's directory: its own, registered ones and those of
+    the files named by ``SAE_LENS_ATTN_RELEASES`` (without those SAELens's own releases hide)."""
+    _sync()
+    return {name: release for name, release in _wanted().items() if name in _added}
 
 
-class _DirectoryWithAttentionReleases:
-    """``get_pretrained_saes_directory`` of SAELens, with this package's releases merged in."""
+def list_releases() -> dict[str, list[str]]:
+    """Release name → its SAE ids, for every release of ``attention_releases()``, sorted by name.
 
-    def __init__(self, base: Callable[[], dict[str, PretrainedSAELookup]]) -> None:
-        functools.update_wrapper(self, base)
-        self.__wrapped__ = base
-        setattr(self, _HOOK_MARK, True)
-
-    def __call__(self) -> dict[str, PretrainedSAELookup]:
-        directory = self.__wrapped__()
-        _merge(directory)
-        return directory
-
-    def cache_clear(self) -> None:
-        """Clear SAELens's cache; our releases are merged into the rebuilt directory."""
-        self.__wrapped__.cache_clear()  # type: ignore[attr-defined]
-
-    def cache_info(self) -> Any:
-        """SAELens's cache statistics."""
-        return self.__wrapped__.cache_info()  # type: ignore[attr-defined]
-
-
-def _base_directory() -> Callable[[], dict[str, PretrainedSAELookup]]:
-    current = vars(saes_directory_module)[_DIRECTORY_FUNCTION]
-    return current.__wrapped__ if getattr(current, _HOOK_MARK, False) else current
-
-
-def _install_directory_hook() -> None:
-    base = _base_directory()
-    hook = _DirectoryWithAttentionReleases(base)
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        bound = namespace.get(_DIRECTORY_FUNCTION)
-        if bound is base or getattr(bound, _HOOK_MARK, False):
-            namespace[_DIRECTORY_FUNCTION] = hook
-
-
-def _refresh() -> None:
-    """Merge into SAELens's cached directory now, if it has been built."""
-    base = _base_directory()
-    if base.cache_info().currsize:  # type: ignore[attr-defined]
-        _merge(base())
-
-
-def _merge(directory: dict[str, PretrainedSAELookup]) -> None:
-    packaged, registered, env = dict(_packaged), dict(_registered), _env_releases()
-    wanted = {**packaged, **registered, **env}
-    for name, (_, lookup) in list(_added.items()):
-        if name not in wanted or wanted[name] != _added[name][0]:
-            if directory.get(name) is lookup:
-                del directory[name]
-            del _added[name]
-    for name, release in wanted.items():
-        existing = directory.get(name)
-        added = _added.get(name)
-        if existing is not None and (added is None or existing is not added[1]):
-            if name in env:
-                raise ValueError(
-                    f"release {name!r} in a releases file named by {RELEASES_ENV_VAR} "
-                    f"({os.environ.get(RELEASES_ENV_VAR)}) collides with SAELens's release of the "
-                    f"same name (repo {existing.repo_id}); rename it in that file"
-                )
-            if name in packaged and name not in _warned:
-                _warned.add(name)
-                warnings.warn(
-                    f"SAELens now ships a release named {name!r}; using SAELens's entry instead "
-                    "of sae_lens_attn's",
-                    stacklevel=3,
-                )
-            continue
-        if added is None or existing is None:
-            lookup = release.to_lookup()
-            directory[name] = lookup
-            _added[name] = (release, lookup)
+    Example:
+        >>> sla.list_releases()["gpt2-small-attn-z"][:3]
+        ['blocks.0', 'blocks.1', 'blocks.2']
+    """
+    return {name: release.ids for name, release in sorted(attention_releases().items())}
 
 
 def check_not_saelens_release(name: str, what: str) -> None:
@@ -273,14 +237,124 @@ def check_not_saelens_release(name: str, what: str) -> None:
         name: the release name.
         what: the operation, for the message.
     """
-    directory = _base_directory()()
-    existing = directory.get(name)
-    added = _added.get(name)
-    if existing is not None and (added is None or existing is not added[1]):
+    existing = _sync().get(name)
+    if existing is not None and existing is not _added.get(name):
         raise ValueError(
             f"{what}: release name {name!r} is already a SAELens release (repo "
             f"{existing.repo_id}, {len(existing.saes_map)} SAEs); choose a name SAELens does not use"
         )
+
+
+def _wanted() -> dict[str, Release]:
+    return {**_packaged, **_registered, **_from_env}
+
+
+def _sync() -> dict[str, PretrainedSAELookup]:
+    """Re-read the releases files and make SAELens's directory hold exactly our releases."""
+    directory = get_pretrained_saes_directory()
+    if not _merged_into or _merged_into[0] is not directory:  # first call, or cache_clear()
+        _added.clear()
+        _merged_into[:] = [directory]
+    _from_env.clear()
+    _from_env.update(_env_releases())
+    wanted = _wanted()
+    for name, lookup in list(_added.items()):
+        if name not in wanted or wanted[name].to_lookup() != lookup:
+            if directory.get(name) is lookup:
+                del directory[name]
+            del _added[name]
+    for name, release in wanted.items():
+        existing = directory.get(name)
+        if existing is not None and existing is not _added.get(name):
+            _warn_saelens_has(name, existing)
+        elif name not in _added:
+            _added[name] = directory[name] = release.to_lookup()
+    return directory
+
+
+def _warn_saelens_has(name: str, existing: PretrainedSAELookup) -> None:
+    if name in _packaged:
+        _warn_once(
+            ("packaged", name),
+            f"SAELens now ships a release named {name!r}; using SAELens's entry instead of "
+            "sae_lens_attn's",
+        )
+        return
+    source = _env_files.get(name, "a releases file")
+    _warn_once(
+        ("collides", name, source),
+        f"{RELEASES_ENV_VAR}: release {name!r} in {source} is left out: SAELens has a release of "
+        f"the same name (repo {existing.repo_id}); rename it in that file",
+    )
+
+
+def _env_releases() -> dict[str, Release]:
+    """The releases of the files named by ``SAE_LENS_ATTN_RELEASES``; bad files and names taken
+    elsewhere are left out, each with one warning."""
+    releases: dict[str, Release] = {}
+    _env_files.clear()
+    for entry in filter(None, os.environ.get(RELEASES_ENV_VAR, "").split(os.pathsep)):
+        read = _read_env_file(Path(entry))
+        if isinstance(read, str):
+            _warn_once(
+                ("file", entry, read),
+                f"{RELEASES_ENV_VAR} names {entry!r}, which is left out: {read}. Expected a "
+                "releases file in SAELens's pretrained_saes.yaml format",
+            )
+            continue
+        for name, release in read.items():
+            problem = _env_release_problem(name, release, releases)
+            if problem is not None:
+                _warn_once(
+                    ("release", entry, name, problem),
+                    f"{RELEASES_ENV_VAR}: release {name!r} in {entry} is left out: {problem}",
+                )
+                continue
+            releases[name] = release
+            _env_files[name] = entry
+    return releases
+
+
+def _env_release_problem(name: str, release: Release, earlier: dict[str, Release]) -> str | None:
+    """Why a release of a releases file cannot be added, or ``None``."""
+    if name in earlier:
+        return f"it is also in {_env_files[name]}; rename one of them"
+    if name in _packaged:
+        return "it is a release of sae_lens_attn; rename it"
+    if name in _registered:
+        return "it is a release added with register_release; rename one of them"
+    func = release.conversion_func
+    if func is not None and func not in NAMED_PRETRAINED_SAE_LOADERS:
+        return (
+            f"unknown conversion_func {func!r}; valid: {sorted(NAMED_PRETRAINED_SAE_LOADERS)} "
+            "(or null for SAELens's native format)"
+        )
+    return None
+
+
+def _read_env_file(path: Path) -> dict[str, Release] | str:
+    """The releases of ``path``, or why it cannot be read (cached while the file is unchanged)."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        return f"it cannot be read ({type(err).__name__}: {err.strerror or err})"
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _env_cache:
+        if len(_env_cache) > 32:
+            _env_cache.clear()
+        try:
+            _env_cache[key] = read_releases_file(path)
+        except OSError as err:
+            _env_cache[key] = f"it cannot be read ({type(err).__name__}: {err.strerror or err})"
+        except ValueError as err:
+            _env_cache[key] = str(err)
+    return _env_cache[key]
+
+
+def _warn_once(key: tuple[str, ...], message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def _check_conversion_func(release: Release) -> None:
@@ -290,39 +364,6 @@ def _check_conversion_func(release: Release) -> None:
             f"release {release.name!r}: unknown conversion_func {func!r}; valid: "
             f"{sorted(NAMED_PRETRAINED_SAE_LOADERS)} (or null for SAELens's native format)"
         )
-
-
-def _env_releases() -> dict[str, Release]:
-    value = os.environ.get(RELEASES_ENV_VAR, "")
-    releases: dict[str, Release] = {}
-    for entry in filter(None, value.split(os.pathsep)):
-        path = Path(entry)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{RELEASES_ENV_VAR} names {entry!r}, which does not exist; expected a releases "
-                "file in SAELens's pretrained_saes.yaml format"
-            ) from None
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-        if key not in _env_cache:
-            if len(_env_cache) > 32:
-                _env_cache.clear()
-            _env_cache[key] = read_releases_file(path)
-        for name, release in _env_cache[key].items():
-            if name in releases or name in _packaged or name in _registered:
-                elsewhere = (
-                    "in another file it names"
-                    if name in releases
-                    else "a release of sae_lens_attn or one added with register_release"
-                )
-                raise ValueError(
-                    f"release {name!r} in {entry} (named by {RELEASES_ENV_VAR}) is defined "
-                    f"twice: it is also {elsewhere}; rename one of them"
-                )
-            _check_conversion_func(release)
-            releases[name] = release
-    return releases
 
 
 def _ours(function: Any) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from sae_lens_attn.outputs import OUTPUT_MARKER
 from sae_lens_attn.pretrained.upstream import UPSTREAM_DIR
 
 
@@ -18,7 +19,7 @@ def push_to_hub(
     private: bool = False,
     commit_message: str = "Publish attention SAEs",
 ) -> str:
-    """Upload a published folder (without ``upstream/``) as one commit.
+    """Upload a published folder (without ``upstream/`` and the output marker) as one commit.
 
     Args:
         folder: a folder written by ``publish``.
@@ -38,7 +39,9 @@ def push_to_hub(
             path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path)
         )
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.relative_to(folder).parts[0] != UPSTREAM_DIR
+        if path.is_file()
+        and path.relative_to(folder).parts[0] != UPSTREAM_DIR
+        and path.relative_to(folder).as_posix() != OUTPUT_MARKER
     ]
     info = api.create_commit(
         repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message

@@ -24,14 +24,14 @@ from typing import Any
 import sae_lens
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import EntryNotFoundError
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from sae_lens import StandardSAEConfig
 from sae_lens.util import str_to_dtype
 from torch import Tensor
 
-from sae_lens_attn.backends.architectures import hf_architecture as architecture_row
 from sae_lens_attn.backends.base import check_convention
-from sae_lens_attn.site import AttnSite, folded_model_kwargs
+from sae_lens_attn.config.metadata import attention_metadata
+from sae_lens_attn.site import AttnSite
 
 KISSANE_CONVERSION_FUNC = "sae_lens_attn_kissane"
 """Loader name of this format in SAELens's tables and in releases' ``conversion_func``."""
@@ -80,6 +80,11 @@ def get_kissane_config_from_hf(
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{repo_id}/{cfg_file} is not valid JSON (truncated?): {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{repo_id}/{cfg_file} must hold a JSON object (a Kissane et al. config), got "
+            f"{type(raw).__name__}"
+        )
     return kissane_config_to_saelens(
         raw, cfg_overrides or {}, device=device, source=f"{repo_id}/{folder_name}"
     )
@@ -151,30 +156,21 @@ def kissane_config_to_saelens(
         n_kv_heads=rest.pop("n_kv_heads", n_heads),
         d_head=rest.pop("d_head", d_in // n_heads),
     ).check_sae_width(d_in)
-    convention = check_convention(rest.pop("value_bias_convention", "folded"))
-    hf_architecture = rest.pop("hf_architecture", None)
-    kwargs = dict(rest.pop("model_from_pretrained_kwargs", None) or {})
-    if convention == "folded":
-        kwargs = folded_model_kwargs(kwargs)
+    attention = attention_metadata(
+        site,
+        check_convention(rest.pop("value_bias_convention", "folded")),
+        model_name=raw["model_name"],
+        hf_architecture=rest.pop("hf_architecture", None),
+        model_from_pretrained_kwargs=rest.pop("model_from_pretrained_kwargs", None),
+    )
     top_level = {key: rest.pop(key) for key in list(rest) if key in _SAE_CONFIG_FIELDS}
     metadata: dict[str, Any] = {
         "sae_lens_version": sae_lens.__version__,
         "sae_lens_training_version": None,
-        "model_name": raw["model_name"],
-        "hook_name": site.hook_name,
         "hook_head_index": None,
         "context_size": raw.get("seq_len"),
         "prepend_bos": True,
-        "layer": site.layer,
-        "n_heads": site.n_heads,
-        "n_kv_heads": site.n_kv_heads,
-        "d_head": site.d_head,
-        "value_bias_convention": convention,
-        "hf_architecture": hf_architecture,
-        "hf_module_path": architecture_row(hf_architecture).out_proj_path(site.layer)
-        if hf_architecture
-        else None,
-        "model_from_pretrained_kwargs": kwargs,
+        **attention,
         "converted_from": {"format": "kissane", "source": source, "config": dict(raw)},
         **rest,
     }
@@ -256,9 +252,29 @@ def check_weights(state_dict: Mapping[str, Tensor], d_in: int, d_sae: int, *, so
 def _download(repo_id: str, filename: str, force_download: bool, what: str) -> str:
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:  # before its base class
+        raise ConnectionError(hub_unreachable_message(repo_id, filename, what)) from err
     except EntryNotFoundError as err:
         raise FileNotFoundError(
             f"the {what} is missing: {filename!r} is not in the Hugging Face repository "
             f"{repo_id!r} (nor in the local cache when offline); Kissane et al. SAEs need "
             f"both <name>.pt and <name>_cfg.json. ({type(err).__name__})"
         ) from err
+
+
+def hub_unreachable_message(repo_id: str, filename: str, what: str) -> str:
+    """Why a file of the Hub could not be had: offline mode, or no network, and not cached."""
+    from huggingface_hub import constants
+
+    cause = (
+        "offline mode is on (HF_HUB_OFFLINE=1), so nothing is downloaded"
+        if constants.HF_HUB_OFFLINE
+        else "the Hugging Face Hub could not be reached (no network, a proxy or a firewall)"
+    )
+    return (
+        f"could not get the {what} {filename!r} of {repo_id!r}: {cause}, and it is not in the "
+        f"local cache ({constants.HF_HUB_CACHE}). Connect to the network"
+        + (" and unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")
+        + " to download it once, or use the embedded default model and its release, which "
+        "need no network"
+    )

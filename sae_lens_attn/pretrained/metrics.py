@@ -16,16 +16,20 @@ explained variance and densities only (``exclude_from_loss=False``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from sae_lens_attn.config.metadata import read_attention_metadata
 from sae_lens_attn.evaluation import evaluate
+from sae_lens_attn.validation import check_tokens
 
 REPORTED_METRICS = ("l0", "ce_loss_recovered", "dead_pct", "explained_variance")
 """Metric names of the model card's table, and the keys a caller's metrics mapping may use."""
@@ -81,6 +85,78 @@ class SAEMetrics:
         return {name: getattr(self, name) for name in REPORTED_METRICS}
 
 
+def read_metrics_file(path: str | Path) -> dict[str, dict[str, float]]:
+    """Publisher-given metrics from a JSON file ``{sae_id: {name: number}}`` (``publish --metrics``),
+    names in ``REPORTED_METRICS``, or the ``evaluation.json`` that ``evaluate --out`` writes.
+
+    Raises:
+        FileNotFoundError: the file does not exist (named).
+        ValueError: the file is not valid JSON, not of that shape, or holds an unknown name or a
+            non-finite value; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {str(path)!r} does not exist")
+    try:
+        given = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"metrics file {str(path)!r} is not valid JSON: {err}") from None
+    shape = f"{{sae_id: {{{', '.join(REPORTED_METRICS)}}}}}"
+    if isinstance(given, list):  # evaluation.json of ``sae-lens-attn evaluate --out``
+        given = _from_evaluation_rows(given, path)
+    if not isinstance(given, dict):
+        raise ValueError(
+            f"metrics file {str(path)!r} must hold a JSON object {shape}, got "
+            f"{type(given).__name__}"
+        )
+    for sae_id, values in given.items():
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"metrics file {str(path)!r}: the entry of SAE {sae_id!r} must be an object "
+                f"{{name: number}} ({shape}), got {values!r}"
+            )
+        try:
+            SAEMetrics.from_mapping(values, sae_id=sae_id)
+        except ValueError as err:
+            raise ValueError(f"metrics file {str(path)!r}: {err}") from None
+    return given
+
+
+EVALUATION_KEYS = {
+    "l0": "l0",
+    "ce_loss_recovered": "loss_recovered_paper",
+    "dead_pct": "dead_pct",
+    "explained_variance": "explained_variance",
+}
+"""Reported metric → its key in a row of ``evaluate --out``'s ``evaluation.json`` (loss recovered
+as the paper and ``measure`` compute it: the SAE spliced and CE counted at every position)."""
+
+
+def _from_evaluation_rows(rows: list[Any], path: Path) -> dict[str, dict[str, float]]:
+    """``{sae_id: metrics}`` from ``evaluation.json`` rows; the id is the SAE folder's name (the
+    publish default) or the ID of ``RELEASE:ID``; non-finite numbers count as not measured."""
+    given: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("sae"), str):
+            raise ValueError(
+                f"metrics file {str(path)!r}: a list must hold the rows of evaluate --out's "
+                f"evaluation.json (objects with 'sae' and {sorted(set(EVALUATION_KEYS.values()))}), "
+                f"got {row!r}"
+            )
+        spec = row["sae"]
+        sae_id = (
+            Path(spec).name if Path(spec).is_dir() or ":" not in spec else spec.rpartition(":")[2]
+        )
+        given[sae_id] = {
+            name: float(row[key])
+            for name, key in EVALUATION_KEYS.items()
+            if isinstance(row.get(key), int | float)
+            and not isinstance(row.get(key), bool)
+            and math.isfinite(row[key])
+        }
+    return given
+
+
 class Measurement(NamedTuple):
     """Metrics and feature densities of one SAE measured on tokens."""
 
@@ -112,11 +188,8 @@ def measure(
     Returns:
         The metrics and the log10 feature densities.
     """
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(
-            f"expected tokens [batch, pos] with at least one token, got {tuple(tokens.shape)}"
-        )
-    convention = sae.cfg.metadata.get("value_bias_convention") or "included"
+    check_tokens(tokens, model)
+    convention = read_attention_metadata(sae.cfg.metadata).value_bias_convention or "included"
     result = evaluate(
         model,
         sae,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
 
+from sae_lens_attn.analysis.heads import check_finite_rows
 from sae_lens_attn.pretrained.metrics import SAEMetrics
 from sae_lens_attn.pretrained.releases import Release
 from sae_lens_attn.site import AttnSite
@@ -49,14 +52,46 @@ class CardEntry:
     """Mean over features of each head's share of ‖W_dec[f]‖ (see ``head_shares``)."""
 
 
+def with_training_metadata(metrics: SAEMetrics, metadata: Any, d_sae: int) -> SAEMetrics:
+    """``metrics`` with the numbers SAELens records in ``cfg.json`` at the end of training (its
+    ``l0`` and ``num_dead_features``) filling the ones nobody gave, so the card shows a metric
+    as not measured only when the SAE's config lacks it too."""
+    l0 = _finite(getattr(metadata, "l0", None))
+    dead = _finite(getattr(metadata, "num_dead_features", None))
+    filled = {
+        "l0": metrics.l0 if metrics.l0 is not None else l0,
+        "dead_pct": metrics.dead_pct
+        if metrics.dead_pct is not None
+        else (None if dead is None else 100.0 * dead / d_sae),
+    }
+    taken = [name for name, value in filled.items() if getattr(metrics, name) != value]
+    if not taken:
+        return metrics
+    recorded = f"{', '.join(taken)} from the SAE's training metadata (cfg.json)"
+    given = any(value is not None for value in metrics.as_dict().values())
+    source = f"{metrics.source}; {recorded}" if given else recorded
+    return replace(metrics, **filled, source=source)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def head_shares(W_dec: Float[Tensor, " d_sae d_in"], site: AttnSite) -> Float[Tensor, " n_heads"]:
     """Per-head share of the decoder norm, averaged over features.
 
     ``share[f, h] = ‖W_dec[f, h-block]‖ / Σ_j ‖W_dec[f, j-block]‖``; features whose decoder row
     is zero have no share and are left out of the mean.
+
+    Raises:
+        ValueError: every decoder row is zero, or a row holds NaN or infinity (named).
     """
     site.check_sae_width(W_dec.shape[-1])
-    norms = W_dec.detach().float().reshape(-1, site.n_heads, site.d_head).norm(dim=-1)  # (F, H)
+    W_dec = W_dec.detach().float()
+    check_finite_rows(W_dec)
+    norms = W_dec.reshape(-1, site.n_heads, site.d_head).norm(dim=-1)  # (F, H)
     totals = norms.sum(-1)
     alive = totals > 0
     if not alive.any():
@@ -104,7 +139,12 @@ def render_model_card(release: Release, entries: Sequence[CardEntry], *, tool: s
             f"{_fmt(m.ce_loss_recovered, '.3f')} | {_fmt(m.dead_pct, '.1f')} | "
             f"{_fmt(m.explained_variance, '.3f')} |"
         )
-    lines += ["", f"{NOT_MEASURED}: not measured. Where the numbers come from:", ""]
+    lines += [
+        "",
+        f"{NOT_MEASURED}: neither measured, given, nor recorded in the SAE's cfg.json. "
+        "Where the numbers come from:",
+        "",
+    ]
     lines += [f"- `{e.sae_id}`: {e.metrics.source}" for e in entries]
     lines += [
         "",

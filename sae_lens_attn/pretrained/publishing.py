@@ -10,17 +10,16 @@ Layout of the published folder (the repository's contents, plus ``upstream/``)::
     upstream/pretrained_saes.yaml  the release's entry for SAELens (also a releases file)
     upstream/test_<release>.py     its loader test for SAELens's test suite
 
-The folder appears whole or not at all, and an existing non-empty one is only replaced with
-``overwrite=True``. ``upstream/`` is never uploaded.
+The folder appears whole or not at all (``sae_lens_attn.outputs.atomic_output``); an earlier
+release folder is only replaced with ``overwrite=True``, and a folder of other files never.
+``upstream/`` and the output marker are never uploaded.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_lens_attn.outputs import staging_dir
+from sae_lens_attn.config.metadata import attention_metadata, read_attention_metadata
+from sae_lens_attn.outputs import atomic_output, check_output
 from sae_lens_attn.pretrained import directory
 from sae_lens_attn.pretrained.hub import push_to_hub
 from sae_lens_attn.pretrained.metrics import SAEMetrics, measure
-from sae_lens_attn.pretrained.model_card import CardEntry, head_shares, render_model_card
+from sae_lens_attn.pretrained.model_card import (
+    CardEntry,
+    head_shares,
+    render_model_card,
+    with_training_metadata,
+)
 from sae_lens_attn.pretrained.releases import Release, ReleaseSAE
 from sae_lens_attn.pretrained.upstream import (
     UPSTREAM_DIR,
@@ -49,10 +54,12 @@ from sae_lens_attn.pretrained.upstream import (
     loader_test_source,
     yaml_entry_text,
 )
-from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite
+from sae_lens_attn.site import AttnSite
 
 SAE_FILES = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME)
 """Files of one published SAE folder (SAELens's native format)."""
+OUTPUT_KIND = "release"
+"""Kind of output folder ``publish`` writes (see ``sae_lens_attn.outputs``)."""
 MODEL_CARD_FILE = "README.md"
 """The model card's file name (Hugging Face shows it as the repository's page)."""
 
@@ -128,7 +135,8 @@ def publish(
         What was written, and the commit id if pushed.
 
     Raises:
-        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+        FileExistsError: ``out_dir`` may not be written (``sae_lens_attn.outputs.check_output``):
+            it holds files publish did not write, or a release and ``overwrite`` is false.
         ValueError: invalid ids, names, metrics, or SAEs that are not attention SAEs on hook_z.
     """
     from sae_lens_attn import __version__
@@ -136,7 +144,7 @@ def publish(
     tool = f"sae-lens-attn {__version__} (SAELens {sae_lens.__version__})"
     out_dir = Path(out_dir)
     _check_inputs(saes, release, model, tokens, metrics)
-    _check_target(out_dir, overwrite)
+    check_output(out_dir, kind=OUTPUT_KIND, overwrite=overwrite)
     directory.check_not_saelens_release(release, "publish")
     given = dict(metrics or {})
 
@@ -150,18 +158,13 @@ def publish(
         saes=tuple(_release_sae(e) for e in entries),
         links=dict(links) if links else None,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out_dir)
-    try:
+    with atomic_output(out_dir, kind=OUTPUT_KIND, overwrite=overwrite) as tmp:
         for entry in entries:
             sae = loaded[entry.sae_id][0]
             _write_sae(
                 tmp / entry.sae_id, sae, entry.site, sparsities[entry.sae_id], the_model_name
             )
         _write_docs(tmp, the_release, entries, tool)
-        _move_into_place(tmp, out_dir, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     commit = None
     if push:
@@ -204,6 +207,7 @@ def _describe(
             sparsity = measured.log_sparsity if sparsity is None else sparsity
         else:
             sae_metrics = SAEMetrics.from_mapping(given.get(sae_id, {}), sae_id=sae_id)
+            sae_metrics = with_training_metadata(sae_metrics, sae.cfg.metadata, sae.cfg.d_sae)
         if sparsity is None:
             raise ValueError(
                 f"SAE {sae_id!r} has no feature densities for {SPARSITY_FILENAME}: pass a folder "
@@ -221,7 +225,7 @@ def _describe(
                 site=site,
                 architecture=sae.cfg.architecture(),
                 d_sae=sae.cfg.d_sae,
-                convention=sae.cfg.metadata.get("value_bias_convention"),
+                convention=read_attention_metadata(sae.cfg.metadata).value_bias_convention,
                 metrics=sae_metrics,
                 head_shares=tuple(head_shares(sae.W_dec, site).tolist()),
             )
@@ -279,6 +283,15 @@ def _check_inputs(
                 f"invalid SAE id {sae_id!r}: ids name folders, so use letters, digits, '.', '_', "
                 f"'-' (and '/' between folders), not starting with '.', and not {UPSTREAM_DIR!r}"
             )
+    same_folder: dict[str, str] = {}
+    for sae_id in saes:
+        other = same_folder.setdefault(sae_id.casefold(), sae_id)
+        if other != sae_id:
+            raise ValueError(
+                f"SAE ids {other!r} and {sae_id!r} name the same folder on case-insensitive file "
+                "systems (macOS, Windows), where one SAE would replace the other; give each SAE "
+                "an id of its own"
+            )
     if "/" in release:
         raise ValueError(
             f"release name {release!r} contains '/': SAELens reads such names as repository ids"
@@ -290,16 +303,6 @@ def _check_inputs(
     unknown = sorted(set(metrics or {}) - set(saes))
     if unknown:
         raise ValueError(f"metrics given for unknown SAE ids {unknown}; the SAEs are {list(saes)}")
-
-
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"refusing to publish into {out_dir}: it exists and is not empty; pass overwrite=True "
-            "(--overwrite) to replace it"
-        )
 
 
 def _load(ref: SAE[Any] | str | Path, sae_id: str) -> tuple[SAE[Any], Tensor | None]:
@@ -348,12 +351,7 @@ def _site_of(sae: SAE[Any], model: Any, sae_id: str) -> AttnSite:
             "sae.cfg.reshape_activations = 'hook_z' and call "
             "sae.turn_on_forward_pass_hook_z_reshaping() first."
         )
-    convention = sae.cfg.metadata.get("value_bias_convention")
-    if convention is not None and convention not in VALUE_BIAS_CONVENTIONS:
-        raise ValueError(
-            f"SAE {sae_id!r}: unknown value_bias_convention {convention!r}; valid: "
-            f"{list(VALUE_BIAS_CONVENTIONS)}"
-        )
+    read_attention_metadata(sae.cfg.metadata, d_in=sae.cfg.d_in, source=f"SAE {sae_id!r}")
     return AttnSite.from_sae(sae, model)
 
 
@@ -363,30 +361,17 @@ def _write_sae(
     sae.save_model(folder)
     cfg_path = folder / SAE_CFG_FILENAME
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    recorded = read_attention_metadata(cfg["metadata"], source=str(cfg_path))
     cfg["metadata"].update(
-        hook_name=site.hook_name,
-        layer=site.layer,
-        n_heads=site.n_heads,
-        n_kv_heads=site.n_kv_heads,
-        d_head=site.d_head,
-        model_name=model_name,
+        attention_metadata(
+            site,
+            recorded.value_bias_convention,
+            model_name=model_name,
+            hf_architecture=recorded.hf_architecture,
+            model_from_pretrained_kwargs=recorded.model_from_pretrained_kwargs,
+        )
     )
     cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     save_file(
         {"sparsity": sparsity.detach().float().cpu().contiguous()}, folder / SPARSITY_FILENAME
     )
-
-
-def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        tmp.rename(target)
-        return
-    _check_target(target, overwrite)
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(old)
-    try:
-        tmp.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

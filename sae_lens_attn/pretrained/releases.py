@@ -225,10 +225,17 @@ def parse_releases_yaml(text: str, *, source: str = "YAML") -> dict[str, Release
         release name → release, in file order.
 
     Raises:
-        ValueError: the text is not YAML, not a mapping of releases, or has an invalid release.
+        ValueError: the text is not YAML, gives a key twice (a release name, or a key of one
+            entry), is not a mapping of releases, or has an invalid release (an SAE id listed
+            twice included).
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKeyError as err:
+        raise ValueError(
+            f"{source} gives the key {err.key!r} twice ({err.where}); YAML would keep only the "
+            "last one, so remove or rename one of them"
+        ) from None
     except yaml.YAMLError as err:
         raise ValueError(f"{source} is not valid YAML: {err}") from None
     if data is None:
@@ -248,17 +255,50 @@ def read_releases_file(path: str | Path) -> dict[str, Release]:
     """Read every release of a file in SAELens's ``pretrained_saes.yaml`` format.
 
     Raises:
-        FileNotFoundError: there is no such file.
-        ValueError: the file is not a valid releases file.
+        OSError: the file cannot be read (``FileNotFoundError``, ``IsADirectoryError``, ...).
+        ValueError: the file is not text, not YAML, or not a valid releases file.
     """
     path = Path(path)
-    return parse_releases_yaml(path.read_text(encoding="utf-8"), source=str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not a text file (not UTF-8 at byte {err.start}); expected YAML"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"{path} is not a text file (it holds NUL bytes); expected YAML")
+    return parse_releases_yaml(text, source=str(path))
 
 
 def dump_releases_yaml(releases: Sequence[Release]) -> str:
     """Releases as text in SAELens's ``pretrained_saes.yaml`` format (keys sorted, as there)."""
     data = {release.name: release.to_yaml_entry() for release in releases}
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, where: str) -> None:
+        super().__init__(f"duplicate key {key!r} ({where})")
+        self.key, self.where = key, where
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (it keeps the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # unhashable: PyYAML's own error follows
+                break
+            if repeated:
+                mark = key_node.start_mark
+                raise _DuplicateKeyError(key, f"line {mark.line + 1}, column {mark.column + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _sae_from_yaml(item: Any, where: str) -> ReleaseSAE:

@@ -1,5 +1,8 @@
 """Plots, as PNG (matplotlib, Agg) and as self-contained HTML (inline SVG, no scripts).
 
+PNGs are drawn on figures with their own Agg canvas, never through pyplot, so making a plot
+leaves the user's matplotlib backend and pyplot's open figures as they were.
+
 Head attribution per feature (heatmap, bars, table) and per head (features each head dominates),
 DFA over tokens (highlighted text, bars), and L0 / loss recovered per layer.
 """
@@ -9,11 +12,14 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def head_attribution_heatmap(
@@ -24,13 +30,9 @@ def head_attribution_heatmap(
     title: str = "head attribution",
 ) -> Path:
     """Write a features × heads heatmap of head-attribution shares to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n_features, n_heads = shares.shape
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.45 * n_heads), 1.2 + 0.22 * n_features))
+    fig = _figure(figsize=(max(4.5, 1.2 + 0.45 * n_heads), 1.2 + 0.22 * n_features))
+    ax = fig.subplots()
     image = ax.imshow(shares.float().numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(n_heads), [f"H{h}" for h in range(n_heads)])
     ax.set_yticks(range(n_features), [str(f) for f in features], fontsize=7)
@@ -38,11 +40,7 @@ def head_attribution_heatmap(
     ax.set_ylabel("feature")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of decoder norm")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def dfa_tokens_html(
@@ -85,20 +83,30 @@ def top_contexts(scores: Tensor, k: int) -> list[int]:
     return torch.as_tensor(scores).topk(min(k, len(scores))).indices.tolist()
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure drawn by its own Agg canvas: pyplot, its figure manager and the user's backend
+    are never touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
-    return plt
+
+def subplots(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs: Any
+) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a figure on its own Agg canvas and its axes (write it
+    with ``_save``; nothing needs closing)."""
+    fig = _figure(figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
     return path
 
 
@@ -106,7 +114,8 @@ def head_attribution_bars(
     shares: Float[Tensor, " n_heads"], path: str | Path, *, title: str = "head attribution"
 ) -> Path:
     """Write one feature's head-attribution shares as a bar per head to ``path`` (PNG)."""
-    fig, ax = _pyplot().subplots(figsize=(1.5 + 0.4 * shares.numel(), 2.6))
+    fig = _figure(figsize=(1.5 + 0.4 * shares.numel(), 2.6))
+    ax = fig.subplots()
     ax.bar([f"H{h}" for h in range(shares.numel())], shares.float().tolist(), color="#2563eb")
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of decoder norm")
@@ -124,7 +133,8 @@ def head_attribution_per_head(
 ) -> Path:
     """Write, per head, the number of features it dominates and their mean share (PNG)."""
     counts = features_per_head(shares)
-    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(2 + 0.8 * shares.shape[1], 2.8))
+    fig = _figure(figsize=(2 + 0.8 * shares.shape[1], 2.8))
+    left, right = fig.subplots(1, 2)
     labels = [f"H{h}" for h in range(shares.shape[1])]
     left.bar(labels, counts.tolist(), color="#2563eb")
     left.set_ylabel("features (largest share)")
@@ -144,7 +154,8 @@ def dfa_tokens_png(
 ) -> Path:
     """Write DFA contributions per source token as bars (query position outlined) (PNG)."""
     values = contributions[: len(tokens)].float().tolist()
-    fig, ax = _pyplot().subplots(figsize=(1.5 + 0.35 * len(values), 3.0))
+    fig = _figure(figsize=(1.5 + 0.35 * len(values), 3.0))
+    ax = fig.subplots()
     bars = ax.bar(
         range(len(values)), values, color=["#2563eb" if v >= 0 else "#dc2626" for v in values]
     )
@@ -169,7 +180,8 @@ def layer_metrics_png(
         path: where to write.
     """
     layers = [int(row["layer"]) for row in rows]
-    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(7, 2.8))
+    fig = _figure(figsize=(7, 2.8))
+    left, right = fig.subplots(1, 2)
     left.bar(layers, [float(row["l0"]) for row in rows], color="#2563eb")
     left.set_xlabel("layer")
     left.set_ylabel("L0")

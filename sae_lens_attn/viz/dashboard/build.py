@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,23 +13,26 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae_lens_attn.analysis import feature_families, feature_logits
 from sae_lens_attn.backends import backend_for
-from sae_lens_attn.evaluation import check_context
-from sae_lens_attn.outputs import staging_dir
+from sae_lens_attn.outputs import atomic_output, check_output
 from sae_lens_attn.site import AttnSite
-from sae_lens_attn.viz.dashboard import panels, saedashboard
-from sae_lens_attn.viz.dashboard.data import (
-    FeatureData,
+from sae_lens_attn.validation import (
+    check_context,
     check_features,
-    collect,
-    feature_activations,
+    special_token_ids,
+    tokenizer_of,
 )
+from sae_lens_attn.viz.dashboard import panels, saedashboard
+from sae_lens_attn.viz.dashboard.data import FeatureData, collect, feature_activations
 
 Engine = Literal["auto", "saedashboard", "own"]
 """``saedashboard``: SAEDashboard's pages plus our DFA and head-attribution panels (TransformerLens
 models); ``own``: our pages only (any backend); ``auto``: SAEDashboard where it serves, else ours."""
 ENGINES: tuple[str, ...] = get_args(Engine)
 
+OUTPUT_KIND = "dashboard"
+"""Kind of output folder a dashboard is (see ``sae_lens_attn.outputs``)."""
 ASSETS = "assets"
 """Folder of the dashboard's scripts (d3 and Plotly, for SAEDashboard's pages)."""
 
@@ -83,7 +85,7 @@ def build_dashboard(
             tokenizer's special tokens).
         n_contexts: top contexts per feature.
         batch_size: contexts per forward pass.
-        overwrite: replace a non-empty ``out``.
+        overwrite: replace an earlier dashboard in ``out`` (a folder of other files never is).
         progress: show a progress bar.
         title: page title (default: the SAE's hook name).
 
@@ -92,7 +94,8 @@ def build_dashboard(
 
     Raises:
         ValueError: the SAE does not fit the model, features are out of range, an unknown
-            engine, ``saedashboard`` where it cannot serve, or ``out`` is not empty.
+            engine, or ``saedashboard`` where it cannot serve.
+        FileExistsError: ``out`` may not be written (``sae_lens_attn.outputs.check_output``).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown dashboard engine {engine!r}; valid: {list(ENGINES)}")
@@ -104,16 +107,15 @@ def build_dashboard(
         )
     check_context(backend, tokens.shape[1])
     if features is not None:
-        features = check_features(features, sae.cfg.d_sae)
+        features = check_features(features, sae.cfg.d_sae).tolist()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} is not empty; pass overwrite=True to replace it")
+    check_output(out, kind=OUTPUT_KIND, overwrite=overwrite)
     reason = saedashboard.unsupported_reason(backend, sae) if engine != "own" else None
     if engine == "saedashboard" and reason:
         raise ValueError(f"engine='saedashboard' cannot build this dashboard: {reason}")
     used: Literal["saedashboard", "own"] = "own" if engine == "own" or reason else "saedashboard"
-    tokenizer = tokenizer if tokenizer is not None else _tokenizer(backend)
-    excluded = list(exclude_tokens) if exclude_tokens is not None else _special_ids(tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_of(backend)
+    excluded = list(exclude_tokens) if exclude_tokens is not None else special_token_ids(tokenizer)
     counted = ~torch.isin(tokens.cpu(), torch.tensor(excluded, dtype=torch.long))
 
     acts = feature_activations(backend, sae, tokens, batch_size=batch_size)
@@ -125,6 +127,11 @@ def build_dashboard(
             backend, sae, tokens, features, tokenizer=tokenizer, counted=counted, acts=acts,
             n_contexts=n_contexts, batch_size=batch_size,
         )  # fmt: skip
+        logits = feature_logits(backend, sae, features, k=10, tokenizer=tokenizer)
+        families = feature_families(
+            backend, sae, tokens, features, tokenizer=tokenizer, ignore_tokens=excluded,
+            batch_size=batch_size,
+        )  # fmt: skip
         bar.update()
         fragments: dict[int, str] = {}
         if used == "saedashboard":
@@ -133,31 +140,29 @@ def build_dashboard(
                 ignore_tokens=excluded, batch_size=batch_size,
             )  # fmt: skip
         title = title or f"{site.hook_name} ({sae.cfg.d_sae} features)"
-        tmp = staging_dir(out, _parent(out))
-        try:
-            tmp.chmod(0o755)  # mkdtemp's 0700 is for the temporary name only
+        with atomic_output(out, kind=OUTPUT_KIND, overwrite=overwrite) as tmp:
             if used == "saedashboard":
                 saedashboard.write_assets(tmp / ASSETS)
             pages = {}
             for feature_data in data:
                 name = f"feature_{feature_data.feature}.html"
-                text = _feature_page(feature_data, title, fragments.get(feature_data.feature))
+                analyses = panels.family_panel(
+                    families, feature_data.feature
+                ) + panels.feature_logits_panel(logits, feature_data.feature)
+                text = _feature_page(
+                    feature_data, title, fragments.get(feature_data.feature), analyses
+                )
                 (tmp / name).write_text(text, encoding="utf-8")
                 pages[feature_data.feature] = out / name
                 bar.update()
             (tmp / "index.html").write_text(
                 _index_page(data, title, used, reason or ""), encoding="utf-8"
             )
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return Dashboard(out, out / "index.html", pages, used, reason or "")
 
 
-def _feature_page(data: FeatureData, title: str, fragment: str | None) -> str:
-    ours = panels.dfa_panel(data) + panels.head_attribution_panel(data)
+def _feature_page(data: FeatureData, title: str, fragment: str | None, analyses: str = "") -> str:
+    ours = panels.dfa_panel(data) + panels.head_attribution_panel(data) + analyses
     header = panels.nav([("index.html", "all features")]) + (
         f"<h1>Feature {data.feature}</h1><p class='sla-note'>{html.escape(title)}</p>"
     )
@@ -196,20 +201,3 @@ def _most_active(acts: Tensor, counted: Tensor, top: int) -> list[int]:
         raise ValueError(f"top must be >= 1, got {top}")
     density = (acts[counted] != 0).float().mean(0)
     return density.topk(min(top, density.numel())).indices.tolist()
-
-
-def _parent(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent
-
-
-def _tokenizer(backend: Any) -> Any:
-    return getattr(backend, "tokenizer", None) or getattr(backend.model, "tokenizer", None)
-
-
-def _special_ids(tokenizer: Any) -> list[int]:
-    if tokenizer is None:
-        return []
-    from sae_lens.util import get_special_token_ids
-
-    return get_special_token_ids(tokenizer)

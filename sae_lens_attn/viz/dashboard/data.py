@@ -16,10 +16,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sae_lens_attn.analysis import dfa_at_peaks, head_attribution
+from sae_lens_attn.analysis import DFAResult, dfa_at_peaks, head_attribution
 from sae_lens_attn.analysis.attribution import encode_z, encoder_terms, sae_convention
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.site import AttnSite
+from sae_lens_attn.validation import check_features
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,6 @@ class FeatureData:
     """``b_enc − b_dec · W_enc``: the part of every pre-activation no source explains."""
     contexts: tuple[FeatureContext, ...]
     """Top-activating contexts, strongest first (only contexts where it fires)."""
-
-
-def check_features(features: Sequence[int], d_sae: int) -> list[int]:
-    """``features`` as a list if every index is a feature of an SAE with ``d_sae`` features.
-
-    Raises:
-        ValueError: no features, or indices out of range (the message gives the valid range).
-    """
-    chosen = [int(f) for f in features]
-    if not chosen:
-        raise ValueError(f"no features given; valid indices: 0..{d_sae - 1}")
-    bad = [f for f in chosen if not 0 <= f < d_sae]
-    if bad:
-        raise ValueError(
-            f"features {bad} are out of range: the SAE has d_sae={d_sae} (valid: 0..{d_sae - 1})"
-        )
-    return chosen
 
 
 @torch.no_grad()
@@ -135,7 +119,7 @@ def collect(
     Returns:
         One ``FeatureData`` per feature, in order.
     """
-    chosen = check_features(features, sae.cfg.d_sae)
+    chosen = check_features(features, sae.cfg.d_sae).tolist()
     if acts is None:
         acts = feature_activations(model, sae, tokens, batch_size=batch_size)
     acts = acts[..., chosen]  # (R, T, F)
@@ -157,6 +141,7 @@ def collect(
             contexts = tuple(
                 _context(tokens, acts[..., column], peak, i, int(row), tokenizer)
                 for i, row in enumerate(rows.tolist())
+                if peak.fired[i, 0, 0]  # the SAE's own activation at the peak: always, here
             )
         values = acts[..., column][counted]
         nonzero = values[values != 0]
@@ -176,18 +161,18 @@ def collect(
 
 
 def _context(
-    tokens: Tensor, acts: Tensor, peak: Any, i: int, row: int, tokenizer: Any
+    tokens: Tensor, acts: Tensor, peak: DFAResult, i: int, row: int, tokenizer: Any
 ) -> FeatureContext:
-    position = int(peak.positions[i, 0])
+    position = int(peak.positions[i, 0, 0])
     ids = tokens[row, : position + 1].tolist()
     return FeatureContext(
         prompt=row,
         position=position,
         tokens=tuple(decode_token(tokenizer, t) for t in ids),
         activations=tuple(acts[row, : position + 1].tolist()),
-        pre_act=float(peak.pre_act[i, 0]),
-        dfa_by_src=tuple(peak.by_src[i, : position + 1, 0].tolist()),
-        dfa_by_head=tuple(peak.by_head[i, :, 0].tolist()),
+        pre_act=float(peak.pre_act[i, 0, 0]),
+        dfa_by_src=tuple(peak.by_src[i, 0, : position + 1, 0].tolist()),
+        dfa_by_head=tuple(peak.by_head[i, 0, :, 0].tolist()),
     )
 
 

@@ -1,8 +1,8 @@
 """HTML panels of a feature dashboard: plain HTML and inline SVG, no scripts, no external resources.
 
 Every panel is a ``<section class="sla-panel" id="...">``; the ids (``dfa-panel``,
-``head-attribution-panel``, ``contexts-panel``, ``histogram-panel``) are stable, for tests and for
-readers who link to them.
+``head-attribution-panel``, ``contexts-panel``, ``histogram-panel``, ``feature-logits-panel``,
+``family-panel``) are stable, for tests and for readers who link to them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sae_lens_attn.analysis.families import FAMILIES, FeatureFamilies
+from sae_lens_attn.analysis.logits import FeatureLogits
 from sae_lens_attn.viz.dashboard.data import FeatureContext, FeatureData
 from sae_lens_attn.viz.plots import dfa_tokens_html, svg_bars
 
@@ -96,6 +98,57 @@ def histogram_panel(data: FeatureData) -> str:
         element_id="histogram-chart",
     )
     return _panel("histogram-panel", "Activation histogram", note + chart)
+
+
+def feature_logits_panel(logits: FeatureLogits, feature: int) -> str:
+    """Bars of the tokens whose logits the feature's direct effect raises and lowers most."""
+    row = logits.row(feature)
+    sides = []
+    for name, tokens, values in (
+        ("raises", logits.top_tokens[row], logits.top_values[row]),
+        ("lowers", logits.bottom_tokens[row], logits.bottom_values[row]),
+    ):
+        labels = [repr(token)[1:-1] for token in tokens]
+        chart = svg_bars(labels, values.tolist(), element_id=f"feature-logits-{name}")
+        sides.append(f"<h3>{name}</h3>{chart}")
+    return _panel(
+        "feature-logits-panel",
+        "Feature logits",
+        '<p class="sla-note">Direct effect W_dec[f] · W_O · W_U on the logits of layer '
+        f"{logits.layer}'s feature, skipping later layers, no final norm.</p>" + "".join(sides),
+    )
+
+
+def family_panel(families: FeatureFamilies, feature: int) -> str:
+    """The feature's family label and the share of its top contexts fitting each family."""
+    label = families.labels[int(feature)]
+    column = int((families.features == int(feature)).nonzero()[0])
+    n = int(families.contexts[column])
+    if n == 0:
+        note = "The feature never fires on these tokens: no family."
+        return _panel("family-panel", "Family", f'<p class="sla-note">{note}</p>')
+    shares = [float(families.shares[name][column]) for name in FAMILIES]
+    verdict = label.replace("_", " ")
+    if label in FAMILIES:
+        verdict += f" ({families.confidence(feature):.0%} of its contexts)"
+    return _panel(
+        "family-panel",
+        "Family",
+        f'<p id="family-label"><b>{html.escape(verdict)}</b></p><p class="sla-note">Share of its '
+        f"{n} max-activating contexts whose top DFA source and logit effect fit each family "
+        f"(a label needs {families.thresholds.min_share:.0%}).</p>"
+        + svg_bars(
+            [_SHORT.get(name, name) for name in FAMILIES], shares, element_id="family-chart"
+        ),
+    )
+
+
+_SHORT = {
+    "duplicate_token": "duplicate",
+    "local_context": "local",
+    "long_range_context": "long-range",
+}
+"""Family names short enough for the bar labels."""
 
 
 def page(title: str, body: str, *, head: str = "") -> str:

@@ -1,0 +1,153 @@
+"""Analyzers for feature logits, feature families and head polysemanticity, registered through
+the ``sae_lens_attn.analyzers`` entry points (pyproject.toml) beside the built-in ones.
+
+Options (``AnalysisInput.options``): ``features`` (default: the ``top`` most active), ``k``
+(tokens per direction of ``feature_logits``, default 20), ``head_k`` (top features per head,
+default 10), ``confidence`` (default 0.5), ``n_contexts`` (default 20) and any field of
+``FamilyThresholds`` (``logit_z``, ``min_share``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from sae_lens_attn.analysis.builtin import top_features
+from sae_lens_attn.analysis.families import FAMILIES, FamilyThresholds, feature_families
+from sae_lens_attn.analysis.logits import feature_logits
+from sae_lens_attn.analysis.polysemantic_heads import polysemanticity
+from sae_lens_attn.analysis.registry import AnalysisInput, Table
+from sae_lens_attn.validation import check_features
+
+
+@dataclass(frozen=True)
+class _FeatureLogits:
+    description: str = "tokens each feature's direct effect (W_dec·W_O·W_U) raises and lowers most"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        result = feature_logits(
+            inputs.model,
+            inputs.sae,
+            _features(inputs),
+            k=int(inputs.options.get("k", 20)),
+            tokenizer=inputs.tokenizer,
+        )
+        rows: Table = []
+        for row, feature in enumerate(result.features.tolist()):
+            for direction, ids, values, texts in (
+                ("top", result.top_ids, result.top_values, result.top_tokens),
+                ("bottom", result.bottom_ids, result.bottom_values, result.bottom_tokens),
+            ):
+                for rank, (token, value) in enumerate(
+                    zip(ids[row].tolist(), values[row].tolist(), strict=True)
+                ):
+                    rows.append(
+                        {
+                            "feature": feature,
+                            "direction": direction,
+                            "rank": rank,
+                            "token_id": token,
+                            "token": texts[row][rank],
+                            "value": float(value),
+                        }
+                    )
+        return {"feature_logits": rows}
+
+
+@dataclass(frozen=True)
+class _FeatureFamilies:
+    description: str = "family of each feature from its top DFA source and logit effect"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        result = feature_families(
+            inputs.model,
+            inputs.sae,
+            inputs.tokens,
+            _features(inputs),
+            thresholds=_thresholds(inputs),
+            n_contexts=int(inputs.options.get("n_contexts", 20)),
+            tokenizer=inputs.tokenizer,
+            attention_mask=inputs.attention_mask,
+        )
+        rows: Table = []
+        for column, feature in enumerate(result.features.tolist()):
+            row = {
+                "feature": feature,
+                "label": result.labels[feature],
+                "confidence": result.confidence(feature),
+                "contexts": int(result.contexts[column]),
+            }
+            row |= {f"share_{name}": float(result.shares[name][column]) for name in FAMILIES}
+            rows.append(row)
+        counts = [{"label": label, "features": n} for label, n in result.counts().items()]
+        return {"feature_families": rows, "family_counts": counts}
+
+
+@dataclass(frozen=True)
+class _Polysemanticity:
+    description: str = "whether each head's top features span more than one family"
+
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        confidence = float(inputs.options.get("confidence", 0.5))
+        result = polysemanticity(
+            inputs.model,
+            inputs.sae,
+            inputs.tokens,
+            k=int(inputs.options.get("head_k", 10)),
+            confidence=confidence,
+            thresholds=_thresholds(inputs),
+            n_contexts=int(inputs.options.get("n_contexts", 20)),
+            tokenizer=inputs.tokenizer,
+            attention_mask=inputs.attention_mask,
+        )
+        tops: Table = []
+        for top in result.head_features:
+            assert top.labels is not None and top.confidences is not None
+            for head, features in enumerate(top.features.tolist()):
+                for rank, feature in enumerate(features):
+                    tops.append(
+                        {
+                            "layer": top.layer,
+                            "head": head,
+                            "rank": rank,
+                            "feature": feature,
+                            "share": float(top.shares[head, rank]),
+                            "label": top.labels[head][rank],
+                            "confidence": top.confidences[head][rank],
+                        }
+                    )
+        verdicts = [
+            {
+                "layer": v.layer,
+                "head": v.head,
+                "verdict": v.verdict,
+                "families": " ".join(v.families),
+            }
+            for v in result.verdicts
+        ]
+        summary = {
+            "heads": len(result.verdicts),
+            "polysemantic": result.count("polysemantic"),
+            "monosemantic": result.count("monosemantic"),
+            "undetermined": result.count("undetermined"),
+            "fraction_polysemantic": result.fraction_polysemantic,
+            "fraction_determined": result.fraction_determined,
+            "k": result.k,
+            "confidence": confidence,
+        }
+        return {"head_features": tops, "head_verdicts": verdicts, "polysemanticity": [summary]}
+
+
+def _features(inputs: AnalysisInput) -> list[int]:
+    given = inputs.options.get("features")
+    chosen = given if given is not None else top_features(inputs, int(inputs.options.get("top", 8)))
+    return check_features(chosen, inputs.sae.cfg.d_sae).tolist()
+
+
+def _thresholds(inputs: AnalysisInput) -> FamilyThresholds:
+    names = {f.name for f in fields(FamilyThresholds)}
+    return FamilyThresholds(**{k: v for k, v in inputs.options.items() if k in names})
+
+
+FEATURE_LOGITS = _FeatureLogits()
+FEATURE_FAMILIES = _FeatureFamilies()
+POLYSEMANTICITY = _Polysemanticity()

@@ -21,7 +21,10 @@ Timing: each contender runs once to warm up, then ``--repeats`` rounds. In a rou
 come in a rotated order and each backend's contenders run back to back (reversed every other
 round), so a store and its plain forward see the same background load; ratios are medians of the
 per-round ratios, tokens/s medians of the rounds. The load average is printed before and after:
-on a shared machine other processes skew absolute figures, ratios much less.
+on a shared machine other processes skew absolute figures, ratios much less. Each contender is
+timed on two clocks: wall time (the targets' throughput) and this process's CPU time, which
+other processes' load barely moves; with ``--threads 1`` it is the compute spent, with more
+threads it also counts their spinning.
 
 On TransformerLens 2 (no ``transformer_lens.model_bridge``) the bridge row is skipped, saying why.
 
@@ -284,8 +287,11 @@ if bridge is not None:
     )
 backends["nnsight (HF GPT2LMHeadModel)"] = contenders(hf, plain_hf)
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "CPU": time.process_time}
 load_before = os.getloadavg()
-times: dict[str, dict[str, list[float]]] = {b: {c: [] for c in cs} for b, cs in backends.items()}
+times: dict[str, dict[str, dict[str, list[float]]]] = {
+    clock: {b: {c: [] for c in cs} for b, cs in backends.items()} for clock in CLOCKS
+}
 for fns in backends.values():  # warm-up
     for fn in fns.values():
         fn()
@@ -295,9 +301,10 @@ for round_ in range(args.repeats):
     for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
         items = list(backends[name].items())
         for contender, fn in items if round_ % 2 == 0 else items[::-1]:
-            start = time.perf_counter()
+            starts = {clock: read() for clock, read in CLOCKS.items()}
             fn()
-            times[name][contender].append(time.perf_counter() - start)
+            for clock, read in CLOCKS.items():
+                times[clock][name][contender].append(read() - starts[clock])
     print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 load_after = os.getloadavg()
 
@@ -320,14 +327,18 @@ def installed(package: str) -> str:
         return "absent"
 
 
-def per_round_ratio(name: str, slow: str, fast: str) -> float:
-    """Median over rounds of time(slow) / time(fast): > 1 means ``fast`` is faster."""
-    pairs = zip(times[name][slow], times[name][fast], strict=True)
-    return statistics.median(s / f for s, f in pairs)
+def round_ratios(name: str, slow: str, fast: str, clock: str = "wall") -> list[float]:
+    """time(slow) / time(fast) in each round: > 1 means ``fast`` is faster."""
+    return [s / f for s, f in zip(times[clock][name][slow], times[clock][name][fast], strict=True)]
+
+
+def per_round_ratio(name: str, slow: str, fast: str, clock: str = "wall") -> float:
+    """Median over rounds of time(slow) / time(fast)."""
+    return statistics.median(round_ratios(name, slow, fast, clock))
 
 
 def tokens_per_s(name: str, contender: str) -> float:
-    return n_tokens / statistics.median(times[name][contender])
+    return n_tokens / statistics.median(times["wall"][name][contender])
 
 
 print(
@@ -349,35 +360,53 @@ print(
     f"model: GPT-2 shape {shape}, batch {args.batch} x {args.ctx} = {n_tokens} tokens, "
     f"median of {args.repeats} interleaved rounds\n"
 )
-print("tokens/s of flattened hook_z:")
-for name, contender_times in times.items():
+print("tokens/s of flattened hook_z (median wall time; median CPU time):")
+for name, contender_times in times["wall"].items():
     print(f"  {name}")
-    for contender in contender_times:
-        seconds = statistics.median(contender_times[contender])
+    for contender, seconds in contender_times.items():
+        cpu = statistics.median(times["CPU"][name][contender])
         print(
             f"    {contender:<36} {tokens_per_s(name, contender):>10.0f} tokens/s"
-            f"   ({seconds * 1e3:.0f} ms)"
+            f"   ({statistics.median(seconds) * 1e3:.0f} ms; CPU {cpu * 1e3:.0f} ms)"
         )
 
+RATIOS = {  # column: (slower, faster, target)
+    "store / plain, 12 layers": ("plain, 12 layers", "store, 12 layers", 0.95),
+    f"store / plain, layer {SINGLE}": (f"plain, layer {SINGLE}", f"store, layer {SINGLE}", None),
+    "one pass vs 12 single-layer passes": (
+        "store, 12 single-layer passes",
+        "store, 12 layers",
+        6.0,
+    ),
+}
 print(
-    "\n| backend | plain, 12 layers (tok/s) | store, 12 layers (tok/s) | store / plain, 12 layers "
-    f"(≥ 0.95) | store / plain, layer {SINGLE} | one pass vs 12 single-layer passes (≥ 6) |"
+    "\n| backend | plain, 12 layers (tok/s) | store, 12 layers (tok/s) | "
+    + " | ".join(
+        f"{column}{'' if target is None else f' (≥ {target:g})'}, wall | CPU"
+        for column, (_, _, target) in RATIOS.items()
+    )
+    + " |"
 )
-print("|---|---|---|---|---|---|")
+print("|---|---|---|" + "---|---|" * len(RATIOS))
 for name in backends:
-    vs_plain = per_round_ratio(name, "plain, 12 layers", "store, 12 layers")
-    vs_plain_single = per_round_ratio(name, f"plain, layer {SINGLE}", f"store, layer {SINGLE}")
-    one_pass = per_round_ratio(name, "store, 12 single-layer passes", "store, 12 layers")
+    cells = []
+    for slow, fast, target in RATIOS.values():
+        for clock in CLOCKS:
+            ratio = per_round_ratio(name, slow, fast, clock)
+            mark = "" if target is None else " ✓" if ratio >= target else " ✗"
+            cells.append(f"{ratio:.2f}×{mark}")
     print(
         f"| {name} | {tokens_per_s(name, 'plain, 12 layers'):.0f} "
-        f"| {tokens_per_s(name, 'store, 12 layers'):.0f} "
-        f"| {vs_plain:.2f}× {'✓' if vs_plain >= 0.95 else '✗'} "
-        f"| {vs_plain_single:.2f}× "
-        f"| {one_pass:.2f}× {'✓' if one_pass >= 6 else '✗'} |"
+        f"| {tokens_per_s(name, 'store, 12 layers'):.0f} | " + " | ".join(cells) + " |"
     )
 if bridge is None:
-    print(f"| TransformerBridge | skipped: {bridge_skipped} | | | | |")
-else:
+    print(f"| TransformerBridge | skipped: {bridge_skipped} |" + " |" * (1 + 2 * len(RATIOS)))
+print("\nper-round store / plain, 12 layers (wall; CPU):")
+for name in backends:
+    for clock in CLOCKS:
+        ratios = round_ratios(name, "plain, 12 layers", "store, 12 layers", clock)
+        print(f"  {name:<30} {clock:<4} " + " ".join(f"{r:.2f}" for r in ratios))
+if bridge is not None:
     own_stop = per_round_ratio("TransformerBridge", BRIDGE_OWN_STOP, "plain, 12 layers")
     print(
         f"TransformerBridge's own stop_at_layer=12 (runs ln_final and the unembedding too): "

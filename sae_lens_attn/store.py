@@ -173,7 +173,9 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
         if self.exclude_special_tokens is not None:
             keep &= ~torch.isin(tokens.cpu(), self.exclude_special_tokens)
         keep = keep.flatten().to(tokens.device)
-        keep_all = bool(keep.all())  # then z is served as captured: a masked copy costs ~5%
+        # With nothing to drop, z is served as captured: copying it through the mask took
+        # about 5% of a GPT-2-small pass on CPU.
+        keep_all = bool(keep.all())
         self.model_passes += 1
         flat = {site.hook_name: captures[site.layer].z_flat.flatten(0, 1) for site in self.sites}
         return {

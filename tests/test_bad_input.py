@@ -482,7 +482,8 @@ def test_load_sae_names_a_missing_file(saved_sae: Path) -> None:
     [
         ('{"blocks.0": {"l0": 3', "is not valid JSON"),
         ("", "is not valid JSON"),
-        ("[1, 2]", r"must hold a JSON object \{sae_id: \{l0, ce_loss_recovered"),
+        ("[1, 2]", r"a list must hold the rows of evaluate --out's evaluation.json"),
+        ('"l0"', r"must hold a JSON object \{sae_id: \{l0, ce_loss_recovered"),
         ('{"blocks.0": 3.5}', "the entry of SAE 'blocks.0' must be an object"),
         ('{"blocks.0": {"l1": 3.5}}', r"unknown metrics \['l1'\] for SAE 'blocks.0'"),
         ('{"blocks.0": {"l0": NaN}}', "metric 'l0' of SAE 'blocks.0' must be a finite number"),

@@ -500,3 +500,26 @@ def test_free_port_is_reported() -> None:
         probe.close()
     finally:
         sock.close()
+
+
+@pytest.mark.slow
+def test_the_command_serves_and_prints_its_url() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sae_lens_attn", "explore", "--family-contexts", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.match(r"prompt explorer: (http://127\.0\.0\.1:\d+)/", line)
+        assert match is not None, (line, process.stderr and process.stderr.read())
+        url = match.group(1)
+        status, answer = post(f"{url}/api/run", {"prompt": PROMPT})
+        assert status == 200 and sorted(answer["layers"]) == ["0", "1"]
+        status, page = get(url, "/")
+        assert status == 200 and b"/static/explorer.js" in page
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -12,7 +12,7 @@ from sae_lens_attn.explorer import create_app, export_prompts, serving
 from .browser import chromium, needs_browser, open_page, save_screenshot, watched
 from .test_explorer import PROMPT, PROMPTS, default_session
 
-pytestmark = [pytest.mark.browser, needs_browser]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, needs_browser]
 
 
 @pytest.fixture(scope="module")

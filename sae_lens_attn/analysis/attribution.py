@@ -69,9 +69,6 @@ NO_QUERY = -1
 """Query position of an entry that has none (a feature that never fires in the prompt)."""
 _ENCODE_BLOCK = 2**24
 """Upper bound on ``tokens × d_sae`` per call of the SAE's ``encode``."""
-_GATHER_BLOCK = 2**24
-"""Upper bound on the gathered pattern rows per feature chunk (elements) when each feature has
-its own queries."""
 
 
 @dataclass(frozen=True)
@@ -266,36 +263,16 @@ def attribute(
     real = torch.ones(batch, n_pos, dtype=torch.bool, device=device) if real is None else real
     mask = real.to(device)[rows, at] & has_query
 
-    # Values projected onto each head-block of the encoder: one batched matmul per feature chunk,
-    # [H, F, D] @ [H, D, B·S], both operands contiguous.
-    values_by_head = values.to(dtype).permute(2, 3, 0, 1).reshape(site.n_heads, site.d_head, -1)
-    values_by_head = values_by_head.contiguous()
-    pattern = pattern.to(dtype)
-    pre_act = torch.empty(per_feature.shape, dtype=dtype, device=device)
-    by_src = torch.empty(*per_feature.shape[:2], n_pos, n_features, dtype=dtype, device=device)
-    by_head = torch.empty(
-        *per_feature.shape[:2], site.n_heads, n_features, dtype=dtype, device=device
+    weight_rows = terms.weight.T.contiguous()  # (F, d_in): each feature's encoder column
+    contract = _shared_queries if shared else _own_queries
+    by_src, by_head, dot = contract(
+        pattern.to(dtype), values.to(dtype), z, weight_rows, query, site, feature_chunk
     )
-    contract = _Shared(pattern, z, query) if shared else _PerFeature(pattern, z)
-    if not shared:  # the gathered pattern rows are (H, F, B, Q, S): keep them bounded
-        per_feature_rows = site.n_heads * batch * per_feature.shape[1] * n_pos
-        feature_chunk = min(feature_chunk, max(1, _GATHER_BLOCK // per_feature_rows))
-    unit_scale = terms.normalisation.scale is _unit
-    for start in range(0, n_features, feature_chunk):
-        chunk = slice(start, start + feature_chunk)
-        weight = terms.weight[:, chunk]  # (d_in, F)
-        weight_by_head = weight.T.reshape(-1, site.n_heads, site.d_head).transpose(0, 1)
-        projected = torch.bmm(weight_by_head.contiguous(), values_by_head)  # (H, F, B·S)
-        projected = projected.unflatten(2, (batch, n_pos))  # (H, F, B, S): v_h[s] · W[h-block, f]
-        src, head, dot = contract(projected, weight, at[..., chunk])
-        n_q = scale_at[..., chunk]
-        if unit_scale:
-            by_src[..., chunk], by_head[..., chunk] = src, head
-            torch.add(dot, terms.bias[chunk], out=pre_act[..., chunk])
-        else:  # n[q] scales a whole pattern row
-            torch.mul(src, n_q[:, :, None], out=by_src[..., chunk])
-            torch.mul(head, n_q[:, :, None], out=by_head[..., chunk])
-            torch.addcmul(terms.bias[chunk], n_q, dot, out=pre_act[..., chunk])
+    if terms.normalisation.scale is not _unit:  # n[q] scales a whole pattern row
+        by_src.mul_(scale_at[:, :, None])
+        by_head.mul_(scale_at[:, :, None])
+        dot.mul_(scale_at)
+    pre_act = dot.add_(terms.bias)
 
     at_query = _acts_at(sae, z, site, features, acts, at, shared).to(dtype)
     for values_at, keep in (
@@ -312,7 +289,7 @@ def attribute(
         by_src=by_src,
         by_head=by_head,
         features=features,
-        positions=torch.where(has_query, per_feature, NO_QUERY),
+        positions=per_feature if shared else torch.where(has_query, per_feature, NO_QUERY),
         mask=mask,
         acts=at_query,
         fired=mask & (at_query > 0),
@@ -321,45 +298,78 @@ def attribute(
     )
 
 
-class _Shared:
-    """Contraction when every feature has the same query positions ``[batch, q]``."""
+def _shared_queries(
+    pattern: Float[Tensor, " batch n_heads pos s"],
+    values: Float[Tensor, " batch s n_heads d_head"],
+    z: Float[Tensor, " batch pos d_in"],
+    weight_rows: Float[Tensor, " F d_in"],
+    query: Int[Tensor, " batch q"],
+    site: AttnSite,
+    feature_chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """by_src, by_head and ``z[q] · W`` (unscaled) when every feature has the same queries.
 
-    def __init__(self, pattern: Tensor, z: Tensor, query: Tensor) -> None:
-        rows = torch.arange(z.shape[0], device=z.device)[:, None]
-        self.rows_at_query = pattern.permute(0, 2, 1, 3)[rows, query]  # (B, Q, H, S)
-        self.z_at_query = z[rows, query]  # (B, Q, d_in)
+    Per feature chunk, one batched matmul ``[H, F, D] @ [H, D, B·S]`` projects the values onto
+    the head-blocks; the pattern rows of the queries are then contracted with it."""
+    batch, n_pos = z.shape[:2]
+    n_q, n_features = query.shape[1], weight_rows.shape[0]
+    values_by_head = values.permute(2, 3, 0, 1).reshape(site.n_heads, site.d_head, -1)
+    values_by_head = values_by_head.contiguous()  # (H, D, B·S)
+    rows = torch.arange(batch, device=z.device)[:, None]
+    rows_at_query = pattern.permute(0, 2, 1, 3)[rows, query]  # (B, Q, H, S)
+    by_src = z.new_empty(batch, n_q, n_pos, n_features)
+    by_head = z.new_empty(batch, n_q, site.n_heads, n_features)
+    for start in range(0, n_features, feature_chunk):
+        chunk = slice(start, start + feature_chunk)
+        by_block = weight_rows[chunk].view(-1, site.n_heads, site.d_head).transpose(0, 1)
+        projected = torch.bmm(by_block.contiguous(), values_by_head)  # v_h[s] · W[h-block, f]
+        projected = projected.unflatten(2, (batch, n_pos))  # (H, F, B, S)
+        by_src[..., chunk] = torch.einsum("bqhs,hfbs->bqsf", rows_at_query, projected)
+        by_head[..., chunk] = torch.einsum("bqhs,hfbs->bqhf", rows_at_query, projected)
+    return by_src, by_head, z[rows, query] @ weight_rows.T
 
-    def __call__(
-        self, projected: Tensor, weight: Tensor, at: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        by_src = torch.einsum("bqhs,hfbs->bqsf", self.rows_at_query, projected)
-        by_head = torch.einsum("bqhs,hfbs->bqhf", self.rows_at_query, projected)
-        return by_src, by_head, self.z_at_query @ weight
 
+def _own_queries(
+    pattern: Float[Tensor, " batch n_heads pos s"],
+    values: Float[Tensor, " batch s n_heads d_head"],
+    z: Float[Tensor, " batch pos d_in"],
+    weight_rows: Float[Tensor, " F d_in"],
+    query: Int[Tensor, " batch q F"],
+    site: AttnSite,
+    feature_chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """by_src, by_head and ``z[q_f] · W[:, f]`` (unscaled) when each feature has its own queries.
 
-class _PerFeature:
-    """Contraction when each feature has its own query positions ``[batch, q, F]``: the pattern
-    row of each (prompt, feature)'s query is gathered and multiplied into the projection."""
-
-    def __init__(self, pattern: Tensor, z: Tensor) -> None:
-        batch, n_heads, n_pos, _ = pattern.shape
-        self.rows = pattern.transpose(0, 1).reshape(n_heads, batch * n_pos, -1)  # (H, B·T, S)
-        self.z = z.flatten(0, 1)  # (B·T, d_in)
-        self.offsets = torch.arange(batch, device=z.device)[None, :, None] * n_pos
-
-    def __call__(
-        self, projected: Tensor, weight: Tensor, at: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        n_heads, n_features, batch, n_src = projected.shape
-        n_q = at.shape[1]
-        flat = (at.permute(2, 0, 1) + self.offsets).flatten()  # (F·B·Q): row of z and pattern
-        rows = self.rows.index_select(1, flat).view(n_heads, n_features, batch, n_q, n_src)
-        rows.mul_(projected[:, :, :, None])  # DFA_f[q_f, h, s], per (head, feature, prompt)
-        by_src = rows.sum(0).permute(1, 2, 3, 0)  # (B, Q, S, F)
-        by_head = rows.sum(-1).permute(2, 3, 0, 1)  # (B, Q, H, F)
-        z_at = self.z.index_select(0, flat).view(n_features, batch * n_q, -1)  # (F, B·Q, d_in)
-        dot = torch.bmm(z_at, weight.T[:, :, None]).view(n_features, batch, n_q)
-        return by_src, by_head, dot.permute(1, 2, 0)
+    Per prompt, the entries (query, feature) are sorted by query and taken in chunks. A chunk
+    needs only the sources up to the farthest one its queries attend to (under causal attention,
+    up to its last query): values are projected onto the chunk's encoder columns over those
+    sources only, ``[H, F, D] @ [H, D, s]``, and multiplied by the chunk's pattern rows."""
+    batch, n_heads, _, n_src = pattern.shape
+    n_q, n_features = query.shape[1:]
+    values_by_prompt = values.permute(0, 2, 3, 1).contiguous()  # (B, H, D, S)
+    sources = torch.arange(n_src, device=pattern.device)
+    reach = torch.where((pattern != 0).any(1), sources, -1).amax(-1) + 1  # (B, T): sources read
+    entries = query.flatten(1)  # (B, Q·F): entry j·F + f holds its query position
+    by_src = z.new_zeros(batch, n_src, entries.shape[1])
+    by_head = z.new_zeros(batch, n_heads, entries.shape[1])
+    dot = z.new_zeros(batch, entries.shape[1])
+    for b in range(batch):
+        real = (entries[b] >= 0).nonzero().flatten()
+        order = entries[b, real].argsort(stable=True)
+        for chunk in real[order].split(feature_chunk):
+            at = entries[b, chunk]  # the chunk's queries, ascending
+            width = int(reach[b, at].max())
+            weight = weight_rows.index_select(0, chunk % n_features)  # (F, d_in)
+            by_block = weight.view(-1, n_heads, site.d_head).transpose(0, 1)  # (H, F, D)
+            projected = torch.bmm(by_block, values_by_prompt[b, :, :, :width])  # (H, F, s)
+            rows = pattern[b, :, :, :width].index_select(1, at)  # (H, F, s): A_h[q_f, s]
+            rows.mul_(projected)  # DFA_f[q_f, h, s]
+            by_src[b, :width].index_copy_(1, chunk, rows.sum(0).T)
+            by_head[b].index_copy_(1, chunk, rows.sum(-1))
+            dot[b].index_copy_(0, chunk, (z[b].index_select(0, at) * weight).sum(-1))
+    by_src = by_src.view(batch, n_src, n_q, n_features).transpose(1, 2).contiguous()
+    by_head = by_head.view(batch, n_heads, n_q, n_features).transpose(1, 2).contiguous()
+    return by_src, by_head, dot.view(batch, n_q, n_features)
 
 
 def _acts_at(

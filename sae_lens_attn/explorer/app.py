@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,15 +80,17 @@ def create_app(session: ExplorerSession, *, allowed_hosts: list[str] | None = No
         return session.info()
 
     @app.post("/api/run", response_model=RunResponse, responses=responses)
-    def run(request: RunRequest) -> RunResponse:
+    def run(request: RunRequest) -> Response:
         """Tokenize the prompt (BOS first) and list each layer's top features per position."""
-        return session.run(request.prompt)
+        return _json(session.run(request.prompt))
 
     @app.post("/api/feature", response_model=FeatureResponse, responses=responses)
-    def feature(request: FeatureRequest) -> FeatureResponse:
+    def feature(request: FeatureRequest) -> Response:
         """DFA of one feature at one position, by source position and by head, with its logit
         effects, family and dashboard link."""
-        return session.feature(request.prompt, request.layer, request.feature, request.position)
+        return _json(
+            session.feature(request.prompt, request.layer, request.feature, request.position)
+        )
 
     app.mount("/static", StaticFiles(directory=ASSETS), name="static")
     for layer, folder in session.dashboards.items():
@@ -98,6 +101,12 @@ def create_app(session: ExplorerSession, *, allowed_hosts: list[str] | None = No
         allowed_hosts=list(LOOPBACK_HOSTS) if allowed_hosts is None else allowed_hosts,
     )
     return app
+
+
+def _json(answer: BaseModel) -> Response:
+    """``answer`` as JSON, serialized once (the session built it validated; FastAPI would
+    validate it again)."""
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:

@@ -34,8 +34,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
-from sae_lens_attn.analysis.attribution import feature_acts
-from sae_lens_attn.analysis.dfa_peaks import peak_dfa
+from sae_lens_attn.analysis.attribution import attribute, feature_acts
 
 parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,7 +90,7 @@ acts = feature_acts(sae, cache[site.hook_name], features)
 
 
 def ours() -> Any:
-    return peak_dfa(pattern, values, z, sae, site, features, peaks, acts=acts)
+    return attribute(pattern, values, z, sae, site, features, peaks[:, None, :], acts=acts)
 
 
 def theirs() -> Any:

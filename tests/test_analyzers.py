@@ -63,7 +63,7 @@ def test_builtin_analyzers_produce_tables(model) -> None:
     assert [row["feature"] for row in heads] == [3, 5]
     assert math.isclose(sum(heads[0][f"head_{h}"] for h in range(4)), 1.0, rel_tol=1e-5)
     with torch.no_grad():
-        sae.b_enc[3] = -100.0  # feature 3 never fires: its rows say so and attribute nothing
+        sae.b_enc.data[3] = -100.0  # feature 3 never fires: its rows say so and attribute nothing
     tables = sla.analysis.get("dfa")(inputs)
     full = sla.analysis.dfa(model, sae, batch(), features=[3, 5])
     fires = full.acts.amax(1) > 0  # (prompt, feature)

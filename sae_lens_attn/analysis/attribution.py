@@ -69,6 +69,9 @@ NO_QUERY = -1
 """Query position of an entry that has none (a feature that never fires in the prompt)."""
 _ENCODE_BLOCK = 2**24
 """Upper bound on ``tokens × d_sae`` per call of the SAE's ``encode``."""
+_ENTRY_BLOCK = 4096
+"""Entries (query, feature) of one prompt whose pattern rows and encoder columns are gathered
+at once when each feature has its own queries."""
 
 
 @dataclass(frozen=True)
@@ -340,35 +343,53 @@ def _own_queries(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """by_src, by_head and ``z[q_f] · W[:, f]`` (unscaled) when each feature has its own queries.
 
-    Per prompt, the entries (query, feature) are sorted by query and taken in chunks. A chunk
-    needs only the sources up to the farthest one its queries attend to (under causal attention,
-    up to its last query): values are projected onto the chunk's encoder columns over those
-    sources only, ``[H, F, D] @ [H, D, s]``, and multiplied by the chunk's pattern rows."""
+    Per prompt, the entries (query, feature) are sorted by how far back their query attends
+    and taken in chunks. A chunk needs only the sources up to the farthest one its queries
+    attend to (under causal attention, up to its last query): values are projected onto the
+    chunk's encoder columns over those sources only, ``[H, F, D] @ [H, D, s]``, and multiplied
+    by the chunk's pattern rows."""
     batch, n_heads, _, n_src = pattern.shape
     n_q, n_features = query.shape[1:]
     values_by_prompt = values.permute(0, 2, 3, 1).contiguous()  # (B, H, D, S)
     sources = torch.arange(n_src, device=pattern.device)
     reach = torch.where((pattern != 0).any(1), sources, -1).amax(-1) + 1  # (B, T): sources read
     entries = query.flatten(1)  # (B, Q·F): entry j·F + f holds its query position
-    by_src = z.new_zeros(batch, n_src, entries.shape[1])
-    by_head = z.new_zeros(batch, n_heads, entries.shape[1])
-    dot = z.new_zeros(batch, entries.shape[1])
+    n_entries = entries.shape[1]
+    by_src = z.new_zeros(batch, n_entries, n_src)
+    by_head = z.new_empty(batch, n_entries, n_heads)
+    dot = z.new_empty(batch, n_entries)
     for b in range(batch):
         real = (entries[b] >= 0).nonzero().flatten()
-        order = entries[b, real].argsort(stable=True)
-        for chunk in real[order].split(feature_chunk):
-            at = entries[b, chunk]  # the chunk's queries, ascending
-            width = int(reach[b, at].max())
-            weight = weight_rows.index_select(0, chunk % n_features)  # (F, d_in)
-            by_block = weight.view(-1, n_heads, site.d_head).transpose(0, 1)  # (H, F, D)
-            projected = torch.bmm(by_block, values_by_prompt[b, :, :, :width])  # (H, F, s)
-            rows = pattern[b, :, :, :width].index_select(1, at)  # (H, F, s): A_h[q_f, s]
-            rows.mul_(projected)  # DFA_f[q_f, h, s]
-            by_src[b, :width].index_copy_(1, chunk, rows.sum(0).T)
-            by_head[b].index_copy_(1, chunk, rows.sum(-1))
-            dot[b].index_copy_(0, chunk, (z[b].index_select(0, at) * weight).sum(-1))
-    by_src = by_src.view(batch, n_src, n_q, n_features).transpose(1, 2).contiguous()
-    by_head = by_head.view(batch, n_heads, n_q, n_features).transpose(1, 2).contiguous()
+        if real.numel() == 0:  # no feature fires in this prompt: nothing to attribute
+            by_head[b].fill_(float("nan"))
+            dot[b].fill_(float("nan"))
+            continue
+        needs = reach[b, entries[b, real]]
+        order = needs.argsort(stable=True)
+        for block, block_needs in zip(
+            real[order].split(_ENTRY_BLOCK), needs[order].split(_ENTRY_BLOCK), strict=True
+        ):
+            at = entries[b, block]  # the block's queries, by the sources they need
+            weight = weight_rows.index_select(0, block % n_features)  # (E, d_in)
+            rows = pattern[b].index_select(1, at)  # (H, E, S): A_h[q_e, s]
+            src = by_src.new_zeros(block.numel(), n_src)
+            head = by_head.new_empty(block.numel(), n_heads)
+            widths = [
+                *block_needs[feature_chunk - 1 :: feature_chunk].tolist(),
+                int(block_needs[-1]),
+            ]
+            for index, start in enumerate(range(0, block.numel(), feature_chunk)):
+                chunk, width = slice(start, start + feature_chunk), widths[index]
+                by_block = weight[chunk].view(-1, n_heads, site.d_head).transpose(0, 1)
+                projected = torch.bmm(by_block, values_by_prompt[b, :, :, :width])  # (H, E, s)
+                contribution = rows[:, chunk, :width].mul_(projected)  # DFA_e[h, s]
+                src[chunk, :width] = contribution.sum(0)
+                head[chunk] = contribution.sum(-1).T
+            by_src[b].index_copy_(0, block, src)
+            by_head[b].index_copy_(0, block, head)
+            dot[b].index_copy_(0, block, (z[b].index_select(0, at) * weight).sum(-1))
+    by_src = by_src.view(batch, n_q, n_features, n_src).transpose(2, 3).contiguous()
+    by_head = by_head.view(batch, n_q, n_features, n_heads).transpose(2, 3).contiguous()
     return by_src, by_head, dot.view(batch, n_q, n_features)
 
 

@@ -1,29 +1,45 @@
-"""DFA at each prompt's max-activating position: ours against SAEDashboard's ``DFACalculator``.
+"""DFA at each prompt's max-activating position, side by side: our kernel, one matmul, SAEDashboard.
 
-Same inputs for both: the hook_v / hook_pattern / hook_z activations of a GPT-2-small-shaped
+Same inputs for all three: the hook_v / hook_pattern / hook_z activations of a GPT-2-small-shaped
 layer (12 heads x 64, random weights), a standard SAE with d_sae 24576, 32 prompts x 128 tokens,
-and the max-activating position of each of F features in each prompt. Checks the two agree, then
-prints the speed ratio (median of repeats, run side by side) and the peak-memory ratio (growth of
-resident memory while each runs, sampled every millisecond), and ours
-against the floor of one ``[tokens x d_in] @ [d_in x F]`` matrix multiply.
+and the max-activating position of each of F = 2048 features in each prompt.
 
-Targets: >= 10x faster and <= 1/10 the peak memory.
+- ours: ``sae_lens_attn.analysis.attribution.attribute``, the one DFA kernel behind ``dfa`` and
+  ``dfa_at_peaks``, given the captured tensors and the activations the peaks were picked from
+  (as ``dfa_at_peaks`` calls it after the forward pass and the SAE's ``encode``);
+- the floor: the single ``[tokens x d_in] @ [d_in x F]`` matmul;
+- SAEDashboard 0.7.2's ``DFACalculator.calculate`` (the oldest stack has it).
+
+The script checks that ours and SAEDashboard agree and that ours sums to the pre-activation, then
+measures time (median of interleaved repeats, wall clock, after a warm-up) and peak memory (each
+contender once in a fresh subprocess on the same inputs: the growth of the process's
+resident-memory high-water mark, VmHWM, reset through /proc/self/clear_refs once the inputs are
+built and glibc has returned freed memory), and prints the ratios. Linux only.
+
+Threads: ``--threads`` (default 1) for every contender. The default keeps the comparison about
+the algorithms on a machine whose cores other jobs share: there, idle OpenMP threads of a
+2-thread run spin against the other jobs and slow every small operation.
+
+Targets: ours within 3x the floor; at least 10x faster than SAEDashboard and at most 1/10 of its
+peak memory.
 
 Run:
-    python benchmarks/dfa.py                 # F = 2048 features
+    python benchmarks/dfa.py                 # the shapes above, one thread
+    python benchmarks/dfa.py --threads 2
     python benchmarks/dfa.py --smoke         # tiny shapes, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
-import os
-import platform
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,135 +50,201 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
-from sae_lens_attn.analysis.attribution import attribute, feature_acts
+from sae_lens_attn.analysis.attribution import DFAResult, attribute, feature_acts
+
+CONTENDERS = ("ours", "floor", "SAEDashboard")
 
 parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
 )
-parser.add_argument("--features", type=int, default=2048)
-parser.add_argument("--repeats", type=int, default=3)
-parser.add_argument("--smoke", action="store_true")
+parser.add_argument("--features", type=int, default=2048, help="F, features at their peaks")
+parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contender")
+parser.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
+parser.add_argument("--smoke", action="store_true", help="tiny shapes")
+parser.add_argument("--memory-of", choices=CONTENDERS, help=argparse.SUPPRESS)  # subprocess
 args = parser.parse_args()
-
-torch.manual_seed(0)
+torch.set_num_threads(args.threads)
 torch.set_grad_enabled(False)
-n_heads, d_head, d_sae, n_prompts, ctx = (
-    (4, 16, 512, 4, 32) if args.smoke else (12, 64, 24576, 32, 128)
-)
-n_features = min(args.features, d_sae) if not args.smoke else 128
-d_model = n_heads * d_head
-model = HookedTransformer(
-    HookedTransformerConfig(
-        n_layers=1,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d_head,
-        d_mlp=4 * d_model,
-        d_vocab=1000,
-        n_ctx=ctx,
-        act_fn="gelu_new",
-        normalization_type="LN",
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every contender reads."""
+
+    model: HookedTransformer
+    sae: StandardSAE
+    site: sla.AttnSite
+    activations: dict[str, torch.Tensor]
+    """hook_v, hook_pattern and hook_z of the layer, as a cache holds them."""
+    features: torch.Tensor
+    peaks: torch.Tensor
+    """``[prompts, F]``: each feature's max-activating position in each prompt."""
+    acts: torch.Tensor
+    """``[prompts, pos, F]``: the SAE's activations the peaks were picked from."""
+    weight: torch.Tensor
+    """``W_enc[:, features]``, gathered beforehand for the floor."""
+
+
+def build_inputs() -> Inputs:
+    torch.manual_seed(0)
+    n_heads, d_head, d_sae, n_prompts, ctx = (
+        (4, 16, 512, 4, 32) if args.smoke else (12, 64, 24576, 32, 128)
     )
-).eval()
-site = sla.AttnSite.from_model(model, 0)
-sae_cfg = StandardSAEConfig(d_in=site.d_in, d_sae=d_sae, reshape_activations="hook_z")
-sae_cfg.metadata.hook_name = site.hook_name
-sae = StandardSAE(sae_cfg)
-for param in sae.parameters():
-    param.normal_(0, 0.05)
-
-tokens = torch.randint(0, 1000, (n_prompts, ctx))
-_, cache = model.run_with_cache(
-    tokens, names_filter=[site.hook_name, site.pattern_hook_name, site.values_hook_name]
-)
-activations = {name: cache[name] for name in cache}
-pattern, values, z = (
-    cache[site.pattern_hook_name],
-    cache[site.values_hook_name],
-    cache[site.hook_name].flatten(-2),
-)
-features = torch.randperm(d_sae)[:n_features].sort().values
-peaks = (z @ sae.W_enc[:, features] + sae.b_enc[features]).argmax(1)  # (prompts, F)
-feature_list = features.tolist()
-# The activations at every position are what a caller has already (it picked the peaks from
-# them); like DFACalculator, the timed call gets them rather than re-encoding every feature.
-acts = feature_acts(sae, cache[site.hook_name], features)
-
-
-def ours() -> Any:
-    return attribute(pattern, values, z, sae, site, features, peaks[:, None, :], acts=acts)
-
-
-def theirs() -> Any:
-    return DFACalculator(model, sae).calculate(activations, 0, feature_list, peaks)
-
-
-def floor() -> Any:
-    return z.reshape(-1, site.d_in) @ sae.W_enc[:, features]
+    n_features = 128 if args.smoke else min(args.features, d_sae)
+    d_model = n_heads * d_head
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1,
+            d_model=d_model,
+            n_heads=n_heads,
+            d_head=d_head,
+            d_mlp=4 * d_model,
+            d_vocab=1000,
+            n_ctx=ctx,
+            act_fn="gelu_new",
+            normalization_type="LN",
+        )
+    ).eval()
+    site = sla.AttnSite.from_model(model, 0)
+    sae_cfg = StandardSAEConfig(d_in=site.d_in, d_sae=d_sae, reshape_activations="hook_z")
+    sae_cfg.metadata.hook_name = site.hook_name
+    sae = StandardSAE(sae_cfg)
+    for param in sae.parameters():
+        param.normal_(0, 0.05)
+    tokens = torch.randint(0, 1000, (n_prompts, ctx))
+    names = [site.hook_name, site.pattern_hook_name, site.values_hook_name]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    activations = {name: cache[name] for name in names}
+    features = torch.randperm(d_sae)[:n_features].sort().values
+    acts = feature_acts(sae, activations[site.hook_name], features)  # (prompts, pos, F)
+    z = activations[site.hook_name].flatten(-2)
+    peaks = (z @ sae.W_enc[:, features] + sae.b_enc[features]).argmax(1)  # (prompts, F)
+    weight = sae.W_enc[:, features].contiguous()
+    return Inputs(model, sae, site, activations, features, peaks, acts, weight)
 
 
-# Equal results: SAEDashboard's dfa_values are per-source contributions at the peak.
-mine, reference = ours(), theirs()
-theirs_by_src = torch.stack(
-    [torch.from_numpy(reference[f]["dfa_values"]) for f in feature_list], dim=-1
-)
-max_error = (mine.by_src - theirs_by_src).abs().max().item()
-scale = theirs_by_src.abs().max().item()
-assert max_error <= 1e-4 * max(scale, 1.0), f"results differ: max |ours - theirs| = {max_error}"
-torch.testing.assert_close(mine.by_src.sum(1) + mine.bias, mine.pre_act, atol=1e-3, rtol=1e-4)
-del mine, reference, theirs_by_src
+def ours(inputs: Inputs) -> DFAResult:
+    site = inputs.site
+    return attribute(
+        inputs.activations[site.pattern_hook_name],
+        inputs.activations[site.values_hook_name],
+        inputs.activations[site.hook_name].flatten(-2),
+        inputs.sae,
+        site,
+        inputs.features,
+        inputs.peaks[:, None, :],
+        acts=inputs.acts,
+    )
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+def floor(inputs: Inputs) -> torch.Tensor:
+    return inputs.activations[inputs.site.hook_name].flatten(0, 1).flatten(-2) @ inputs.weight
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def saedashboard(inputs: Inputs) -> Any:
+    calculator = DFACalculator(inputs.model, inputs.sae)
+    return calculator.calculate(inputs.activations, 0, inputs.features.tolist(), inputs.peaks)
 
 
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Resident-memory growth while ``fn`` runs, sampled every millisecond by a thread."""
+RUN: dict[str, Callable[[Inputs], Any]] = {
+    "ours": ours,
+    "floor": floor,
+    "SAEDashboard": saedashboard,
+}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_growth(name: str) -> int:
+    """Bytes by which ``name``'s one run raises this process's resident-memory high-water mark."""
+    inputs = build_inputs()
     gc.collect()
-    base, peak, done = _rss_bytes(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    result = fn()
-    peak[0] = max(peak[0], _rss_bytes())
-    done.set()
-    sampler.join()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back: growth counts every new page
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current resident size
+    base = _status_kib("VmRSS")
+    result = RUN[name](inputs)
+    grown = _status_kib("VmHWM") - base
     del result
-    return peak[0] - base
+    return grown * 1024
 
 
-t_theirs = timed(theirs, max(1, args.repeats // 2))
-t_ours = timed(ours, args.repeats)
-t_floor = timed(floor, args.repeats)
-m_ours, m_floor, m_theirs = (peak_memory(fn) for fn in (ours, floor, theirs))
+def peak_in_subprocess(name: str) -> int:
+    command = [sys.executable, __file__, "--memory-of", name, "--threads", str(args.threads)]
+    command += ["--features", str(args.features)] + (["--smoke"] if args.smoke else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
 
-print(
-    f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-)
-print(
-    f"inputs: {n_heads} heads x {d_head}, d_sae {d_sae}, {n_prompts} prompts x {ctx} tokens, "
-    f"{n_features} features at each prompt's max-activating position"
-)
-print(f"results agree: max |ours - SAEDashboard| = {max_error:.2e} (largest value {scale:.2e})")
-print(f"  SAEDashboard DFACalculator  {t_theirs * 1e3:9.1f} ms   peak +{m_theirs / 2**20:8.1f} MiB")
-print(f"  sae_lens_attn peak_dfa      {t_ours * 1e3:9.1f} ms   peak +{m_ours / 2**20:8.1f} MiB")
-print(f"  floor: z @ W_enc[:, F]      {t_floor * 1e3:9.1f} ms   peak +{m_floor / 2**20:8.1f} MiB")
-print(f"speed: ours {t_theirs / t_ours:.1f}x faster than SAEDashboard (target >= 10)")
-print(f"memory: ours {m_ours / max(m_theirs, 1):.3f} of SAEDashboard's peak (target <= 0.1)")
-print(f"against the floor: ours takes {t_ours / t_floor:.2f}x the time of one matmul")
+
+def check_agreement(inputs: Inputs) -> tuple[float, float]:
+    """Max |ours − SAEDashboard| over every (prompt, source, feature), and the largest value."""
+    mine, reference = ours(inputs), saedashboard(inputs)
+    theirs_by_src = torch.stack(
+        [torch.from_numpy(reference[f]["dfa_values"]) for f in inputs.features.tolist()], dim=-1
+    )  # (prompts, s, F): SAEDashboard's per-source contributions at the peak
+    error = (mine.by_src[:, 0] - theirs_by_src).abs().max().item()
+    scale = theirs_by_src.abs().max().item()
+    assert error <= 1e-4 * max(scale, 1.0), f"results differ: max |ours - theirs| = {error}"
+    torch.testing.assert_close(mine.by_src.sum(2) + mine.bias, mine.pre_act, atol=1e-3, rtol=1e-4)
+    return error, scale
+
+
+def interleaved_medians(inputs: Inputs, repeats: int) -> dict[str, float]:
+    seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    for name in CONTENDERS:  # warm-up
+        RUN[name](inputs)
+    for repeat in range(repeats):
+        for name in CONTENDERS:
+            if name == "SAEDashboard" and repeat >= max(1, repeats // 2):
+                continue  # the slowest: half as many runs
+            start = time.perf_counter()
+            RUN[name](inputs)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def main() -> None:
+    if args.memory_of:
+        print(peak_growth(args.memory_of))
+        return
+    inputs = build_inputs()
+    error, scale = check_agreement(inputs)
+    times = interleaved_medians(inputs, args.repeats)
+    (n_prompts, n_pos), n_features = inputs.acts.shape[:2], inputs.features.numel()
+    shape = (
+        f"{inputs.site.n_heads} heads x {inputs.site.d_head}, d_sae {inputs.sae.cfg.d_sae}, "
+        f"{n_prompts} prompts x {n_pos} tokens, {n_features} features at their peaks"
+    )
+    del inputs
+    gc.collect()
+    peaks = {name: peak_in_subprocess(name) for name in CONTENDERS}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); inputs: {shape}")
+    print(f"results agree: max |ours - SAEDashboard| = {error:.2e} (largest value {scale:.2e})")
+    labels = {
+        "ours": "sae_lens_attn DFA kernel",
+        "floor": "floor: z @ W_enc[:, F]",
+        "SAEDashboard": "SAEDashboard DFACalculator",
+    }
+    for name in CONTENDERS:
+        print(
+            f"  {labels[name]:<28}{times[name] * 1e3:9.1f} ms   peak +{peaks[name] / 2**20:8.1f} MiB"
+        )
+    print(f"against the floor: ours takes {times['ours'] / times['floor']:.2f}x (target <= 3)")
+    print(
+        f"speed: ours {times['SAEDashboard'] / times['ours']:.1f}x faster than SAEDashboard "
+        "(target >= 10)"
+    )
+    print(
+        f"memory: ours {peaks['ours'] / max(peaks['SAEDashboard'], 1):.4f} of SAEDashboard's peak "
+        "(target <= 0.1)"
+    )
+
+
+if __name__ == "__main__":
+    main()

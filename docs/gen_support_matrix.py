@@ -7,7 +7,7 @@ version measured, and a TransformerBridge column summing up the module's bridge 
 (``BRIDGE_CHECKS``) on the environments that have TransformerLens >= 3, with the reasons of its
 known failures (``BRIDGE_LIMITS``, strict xfails).
 
-Run from the repository root (no network, CPU only, about a minute per environment):
+Run from the repository root (no network, CPU only, a few minutes per environment):
 
     python docs/gen_support_matrix.py                       # this interpreter's environment
     python docs/gen_support_matrix.py --python ENV1/bin/python --python ENV2/bin/python

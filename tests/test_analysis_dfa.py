@@ -279,3 +279,52 @@ def test_dfa_at_peaks_never_attributes_padding(model) -> None:
     )
     assert at_padding.mask[:, 0, 0].tolist() == [False, True, True]
     assert (at_padding.by_src[0] == 0).all() and at_padding.pre_act[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_kernel_with_own_queries_is_the_definition_on_any_pattern(chunk) -> None:
+    """The kernel against the definition DFA_f[q, h, s] = A_h[q, s] · (v_h[s] · W[h-block, f]),
+    on a non-causal pattern, several queries per feature, and entries without a query."""
+    from sae_lens_attn.analysis.attribution import attribute
+
+    site = AttnSite(0, 3, 3, 4)
+    sae = random_sae(site, d_sae=10)
+    generator = torch.Generator().manual_seed(0)
+    pattern = torch.rand(2, 3, 7, 7, generator=generator).softmax(-1)  # attends everywhere
+    values = torch.randn(2, 7, 3, 4, generator=generator)
+    z = torch.einsum("bhqs,bshd->bqhd", pattern, values).flatten(-2)
+    features = torch.tensor([4, 0, 9])
+    query = torch.randint(0, 7, (2, 2, 3), generator=generator)
+    query[1, 0, 2] = -1  # no query for this entry
+    result = attribute(pattern, values, z, sae, site, features, query, feature_chunk=chunk)
+    W = sae.W_enc.detach()[:, features].unflatten(0, (3, 4))  # (H, D, F)
+    for b, j, f in torch.cartesian_prod(torch.arange(2), torch.arange(2), torch.arange(3)):
+        q = int(query[b, j, f])
+        if q < 0:
+            assert result.by_src[b, j, :, f].isnan().all() and not result.mask[b, j, f]
+            continue
+        per_head_src = pattern[b, :, q, :] * torch.einsum("shd,hd->hs", values[b], W[..., f])
+        torch.testing.assert_close(result.by_src[b, j, :, f], per_head_src.sum(0))
+        torch.testing.assert_close(result.by_head[b, j, :, f], per_head_src.sum(1))
+        pre = z[b, q] @ sae.W_enc[:, features[f]] + result.bias[f]
+        torch.testing.assert_close(result.pre_act[b, j, f], pre.detach())
+        assert int(result.positions[b, j, f]) == q
+
+
+def test_kernel_with_a_prompt_where_no_feature_has_a_query() -> None:
+    from sae_lens_attn.analysis.attribution import attribute
+
+    site = AttnSite(0, 2, 2, 3)
+    sae = random_sae(site, d_sae=4)
+    pattern = torch.full((2, 2, 5, 5), 0.2)
+    values = torch.randn(2, 5, 2, 3, generator=torch.Generator().manual_seed(0))
+    z = torch.einsum("bhqs,bshd->bqhd", pattern, values).flatten(-2)
+    query = torch.tensor([[[-1, -1]], [[2, -1]]])
+    result = attribute(pattern, values, z, sae, site, torch.tensor([1, 3]), query)
+    assert result.by_src[0].isnan().all() and result.mask.tolist() == [
+        [[False, False]],
+        [[True, False]],
+    ]
+    torch.testing.assert_close(
+        result.by_src[1, 0, :, 0].sum() + result.bias[0], result.pre_act[1, 0, 0]
+    )

@@ -62,8 +62,8 @@ def test_builtin_analyzers_produce_tables(model) -> None:
     heads = sla.analysis.get("head_attribution")(inputs)["head_attribution"]
     assert [row["feature"] for row in heads] == [3, 5]
     assert math.isclose(sum(heads[0][f"head_{h}"] for h in range(4)), 1.0, rel_tol=1e-5)
-    with torch.no_grad():
-        sae.b_enc.data[3] = -100.0  # feature 3 never fires: its rows say so and attribute nothing
+    with torch.no_grad():  # feature 3 never fires: its rows say so and attribute nothing
+        dict(sae.named_parameters())["b_enc"][3] = -100.0
     tables = sla.analysis.get("dfa")(inputs)
     full = sla.analysis.dfa(model, sae, batch(), features=[3, 5])
     fires = full.acts.amax(1) > 0  # (prompt, feature)

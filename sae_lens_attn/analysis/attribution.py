@@ -31,12 +31,14 @@ a BatchTopK training SAE selects over the batch.
 
 One kernel, ``attribute``, serves both entry points: ``dfa`` (the same query positions for every
 feature) and ``dfa_at_peaks`` (each feature at its own query, usually its peak). Values are
-projected onto the encoder once per feature chunk with one batched matmul per head-block,
-``[h, F, d_head] @ [h, d_head, batch·s]``; the pattern rows of the queries are then gathered and
-contracted over heads (by source) and over sources (by head). Nothing of shape
-``[batch, q, s, n_heads*d_head]`` or ``[batch, q, s, n_heads, F]`` is ever built. Pre-activations
-are computed at the query positions only. The arithmetic runs in float32 (float64 if the model or
-SAE is float64), whatever the model's dtype.
+projected onto the encoder's head-blocks with batched matmuls ``[h, F, d_head] @ [h, d_head, s]``
+and multiplied by the queries' pattern rows, then summed over heads (by source) and over sources
+(by head); nothing of shape ``[batch, q, s, n_heads*d_head]`` or ``[batch, q, s, n_heads, F]`` is
+ever built. With a query per feature, each prompt's (query, feature) entries are sorted by how
+far back their query attends and projected in chunks over those sources only, so causal
+attention costs about half a ``[tokens × d_in] @ [d_in × F]`` matmul of projection (less when
+peaks sit early). Pre-activations are computed at the query positions only. The arithmetic runs
+in float32 (float64 if the model or SAE is float64), whatever the model's dtype.
 
 Entries without a query (a feature that never fires in a prompt, under ``dfa_at_peaks``) have
 position −1, ``fired`` and ``mask`` False and NaN in every value: nothing is attributed to any
@@ -69,9 +71,6 @@ NO_QUERY = -1
 """Query position of an entry that has none (a feature that never fires in the prompt)."""
 _ENCODE_BLOCK = 2**24
 """Upper bound on ``tokens × d_sae`` per call of the SAE's ``encode``."""
-_ENTRY_BLOCK = 4096
-"""Entries (query, feature) of one prompt whose pattern rows and encoder columns are gathered
-at once when each feature has its own queries."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ def attribute(
     *,
     acts: Float[Tensor, " batch pos F"] | None = None,
     real: Bool[Tensor, " batch pos"] | None = None,
-    feature_chunk: int = 64,
+    feature_chunk: int = 256,
 ) -> DFAResult:
     """The DFA kernel on captured tensors: ``dfa`` and ``dfa_at_peaks`` both run it.
 
@@ -246,7 +245,8 @@ def attribute(
         acts: the SAE's activations of ``features`` at every position, if already computed
             (else its ``encode`` runs at the query positions).
         real: True at real (non-padding) positions (default: all).
-        feature_chunk: features computed at once.
+        feature_chunk: features (with ``[batch, q]`` queries) or one prompt's entries (with
+            ``[batch, q, F]`` queries) computed at once.
     """
     feature_chunk = check_count("feature_chunk", feature_chunk)
     batch, n_pos = z.shape[:2]
@@ -347,49 +347,38 @@ def _own_queries(
     and taken in chunks. A chunk needs only the sources up to the farthest one its queries
     attend to (under causal attention, up to its last query): values are projected onto the
     chunk's encoder columns over those sources only, ``[H, F, D] @ [H, D, s]``, and multiplied
-    by the chunk's pattern rows."""
+    by the chunk's pattern rows. by_src and by_head come back as (non-contiguous) views of
+    entry-major buffers, so each feature's row is contiguous."""
     batch, n_heads, _, n_src = pattern.shape
     n_q, n_features = query.shape[1:]
     values_by_prompt = values.permute(0, 2, 3, 1).contiguous()  # (B, H, D, S)
     sources = torch.arange(n_src, device=pattern.device)
     reach = torch.where((pattern != 0).any(1), sources, -1).amax(-1) + 1  # (B, T): sources read
     entries = query.flatten(1)  # (B, Q·F): entry j·F + f holds its query position
-    n_entries = entries.shape[1]
-    by_src = z.new_zeros(batch, n_entries, n_src)
-    by_head = z.new_empty(batch, n_entries, n_heads)
-    dot = z.new_empty(batch, n_entries)
+    by_src = z.new_zeros(batch, entries.shape[1], n_src)
+    by_head = z.new_zeros(batch, entries.shape[1], n_heads)
+    dot = z.new_zeros(batch, entries.shape[1])
     for b in range(batch):
         real = (entries[b] >= 0).nonzero().flatten()
-        if real.numel() == 0:  # no feature fires in this prompt: nothing to attribute
-            by_head[b].fill_(float("nan"))
-            dot[b].fill_(float("nan"))
+        if not real.numel():  # no feature has a query in this prompt
             continue
         needs = reach[b, entries[b, real]]
         order = needs.argsort(stable=True)
-        for block, block_needs in zip(
-            real[order].split(_ENTRY_BLOCK), needs[order].split(_ENTRY_BLOCK), strict=True
+        for chunk, chunk_needs in zip(
+            real[order].split(feature_chunk), needs[order].split(feature_chunk), strict=True
         ):
-            at = entries[b, block]  # the block's queries, by the sources they need
-            weight = weight_rows.index_select(0, block % n_features)  # (E, d_in)
-            rows = pattern[b].index_select(1, at)  # (H, E, S): A_h[q_e, s]
-            src = by_src.new_zeros(block.numel(), n_src)
-            head = by_head.new_empty(block.numel(), n_heads)
-            widths = [
-                *block_needs[feature_chunk - 1 :: feature_chunk].tolist(),
-                int(block_needs[-1]),
-            ]
-            for index, start in enumerate(range(0, block.numel(), feature_chunk)):
-                chunk, width = slice(start, start + feature_chunk), widths[index]
-                by_block = weight[chunk].view(-1, n_heads, site.d_head).transpose(0, 1)
-                projected = torch.bmm(by_block, values_by_prompt[b, :, :, :width])  # (H, E, s)
-                contribution = rows[:, chunk, :width].mul_(projected)  # DFA_e[h, s]
-                src[chunk, :width] = contribution.sum(0)
-                head[chunk] = contribution.sum(-1).T
-            by_src[b].index_copy_(0, block, src)
-            by_head[b].index_copy_(0, block, head)
-            dot[b].index_copy_(0, block, (z[b].index_select(0, at) * weight).sum(-1))
-    by_src = by_src.view(batch, n_q, n_features, n_src).transpose(2, 3).contiguous()
-    by_head = by_head.view(batch, n_q, n_features, n_heads).transpose(2, 3).contiguous()
+            at = entries[b, chunk]  # the chunk's queries
+            width = int(chunk_needs[-1])  # sources they attend to: 0..width-1
+            weight = weight_rows.index_select(0, chunk % n_features)  # (E, d_in)
+            by_block = weight.view(-1, n_heads, site.d_head).transpose(0, 1)  # (H, E, D)
+            projected = torch.bmm(by_block, values_by_prompt[b, :, :, :width])  # (H, E, s)
+            rows = pattern[b, :, :, :width].index_select(1, at)  # (H, E, s): A_h[q_e, s]
+            rows.mul_(projected)  # DFA_e[h, s]
+            by_src[b, :, :width].index_copy_(0, chunk, rows.sum(0))
+            by_head[b].index_copy_(0, chunk, rows.sum(-1).T)
+            dot[b].index_copy_(0, chunk, (z[b].index_select(0, at) * weight).sum(-1))
+    by_src = by_src.view(batch, n_q, n_features, n_src).transpose(2, 3)
+    by_head = by_head.view(batch, n_q, n_features, n_heads).transpose(2, 3)
     return by_src, by_head, dot.view(batch, n_q, n_features)
 
 

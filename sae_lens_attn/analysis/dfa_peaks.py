@@ -41,7 +41,7 @@ def dfa_at_peaks(
     *,
     peaks: Int[Tensor, " batch F"] | None = None,
     attention_mask: Int[Tensor, " batch pos"] | None = None,
-    feature_chunk: int = 64,
+    feature_chunk: int = 256,
 ) -> DFAResult:
     """DFA of every feature at its max-activating position in each prompt (or at ``peaks``).
 
@@ -54,7 +54,7 @@ def dfa_at_peaks(
             activation is largest in that prompt (padding excluded), and none (−1) where it
             never fires there.
         attention_mask: 0 at padding; padding is never attributed.
-        feature_chunk: features computed at once.
+        feature_chunk: (query, feature) entries of a prompt computed at once.
 
     Returns:
         A ``DFAResult`` with ``q`` = 1: ``result.by_src[:, 0]`` is ``[batch, s, F]``;

@@ -36,11 +36,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -224,7 +224,7 @@ def evaluate(
         ValueError: the SAE does not fit the model, the data is too short for the context size
             or holds no countable token, or an argument is out of range.
 
-    Example:
+    Examples:
         >>> metrics = sla.evaluate(model, sae, tokens)
         >>> metrics["l0"], metrics["loss_recovered_paper"], metrics["loss_recovered_saelens"]
     """
@@ -244,13 +244,12 @@ def evaluate(
     )
     device = next(backend.model.parameters()).device
     sums = _Sums(site.d_in, sae.cfg.d_sae)
+    spliced = _Spliced(backend, sae, site, convention)
     total = 2 * len(batches)
     bar = tqdm(total=total, desc=f"evaluate {site.hook_name}", unit="batch", disable=not progress)
     with bar:
-        for tokens, mask in batches:
-            tokens, mask = tokens.to(device), mask.to(device)
-            counted = mask.bool() & ~torch.isin(tokens, excluded.to(device))
-            _sae_statistics(backend, sae, site, convention, tokens, mask, counted, sums)
+        for batch in _on_device(batches, device, excluded):
+            _sae_statistics(spliced, batch, sums)
             bar.update()
         if sums.n_tokens == 0:
             raise ValueError(
@@ -258,13 +257,11 @@ def evaluate(
                 f"{excluded.tolist()}"
             )
         mean_z = (sums.sum_z / sums.n_tokens).to(device)
-        for tokens, mask in batches:
-            tokens, mask = tokens.to(device), mask.to(device)
-            counted = mask.bool() & ~torch.isin(tokens, excluded.to(device))
-            kl_at = _SAELENS if exclude_from_loss else _PAPER
-            _losses(backend, sae, site, convention, tokens, mask, counted, mean_z, kl_at, sums)
+        kl_at = _SAELENS if exclude_from_loss else _PAPER
+        for batch in _on_device(batches, device, excluded):
+            _losses(spliced, batch, mean_z, kl_at, sums)
             bar.update()
-    return _result(sums, site, convention, _SAELENS if exclude_from_loss else _PAPER)
+    return _result(sums, site, convention, kl_at)
 
 
 def token_batches(
@@ -347,16 +344,34 @@ def _tokens_and_mask(data: Any) -> tuple[Tensor, Tensor]:
     )
 
 
-def _sae_statistics(
-    backend: AttnBackend,
-    sae: Any,
-    site: AttnSite,
-    convention: ValueBiasConvention,
-    tokens: Tensor,
-    mask: Tensor,
-    counted: Tensor,
-    sums: _Sums,
-) -> None:
+class _Spliced(NamedTuple):
+    """The SAE, the model it is spliced into, where, and in which value-bias convention."""
+
+    backend: AttnBackend
+    sae: Any
+    site: AttnSite
+    convention: ValueBiasConvention
+
+
+class _Batch(NamedTuple):
+    tokens: Int[Tensor, " batch pos"]
+    mask: Int[Tensor, " batch pos"]
+    counted: Bool[Tensor, " batch pos"]
+    """Real positions whose token is not excluded."""
+
+
+def _on_device(
+    batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, excluded: Tensor
+) -> Iterator[_Batch]:
+    """Each ``(tokens, mask)`` on ``device``, with the positions whose tokens are counted."""
+    for tokens, mask in batches:
+        tokens, mask = tokens.to(device), mask.to(device)
+        yield _Batch(tokens, mask, mask.bool() & ~torch.isin(tokens, excluded.to(device)))
+
+
+def _sae_statistics(spliced: _Spliced, batch: _Batch, sums: _Sums) -> None:
+    backend, sae, site, convention = spliced
+    tokens, mask, counted = batch
     z = backend.capture(tokens, [site], convention=convention, attention_mask=_or_none(mask))
     z = z[site.layer].z  # (B, T, H, D)
     acts = encode_z(sae, z)  # (B, T, F)
@@ -372,20 +387,11 @@ def _sae_statistics(
     sums.residual += (x - x_hat).pow(2).sum().item()
 
 
-def _losses(
-    backend: AttnBackend,
-    sae: Any,
-    site: AttnSite,
-    convention: ValueBiasConvention,
-    tokens: Tensor,
-    mask: Tensor,
-    counted: Tensor,
-    mean_z: Tensor,
-    kl_at: str,
-    sums: _Sums,
-) -> None:
+def _losses(spliced: _Spliced, batch: _Batch, mean_z: Tensor, kl_at: str, sums: _Sums) -> None:
     """Clean, spliced and ablated losses on one batch, counted both ways: at every real position
     (the paper's) and at ``counted`` positions (SAELens's); KL at the ``kl_at`` ones."""
+    backend, sae, site, convention = spliced
+    tokens, mask, counted = batch
     real = mask.bool()
     where = {_SAELENS: counted, _PAPER: real}
 

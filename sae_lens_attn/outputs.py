@@ -55,7 +55,7 @@ def atomic_output(target: str | Path, *, kind: str, overwrite: bool = False) -> 
         FileExistsError: ``target`` may not be written (see ``check_output``), checked on entry
             and again just before the new folder is moved in.
 
-    Example:
+    Examples:
         >>> with atomic_output("board", kind="dashboard", overwrite=True) as folder:
         ...     (folder / "index.html").write_text("<html>...</html>")
     """

@@ -85,7 +85,7 @@ class AttnActivationStore(Iterator[dict[str, Tensor]]):
     for all layers costs about one pass. Rows are shuffled through a buffer with a seeded
     generator; BOS and other ``exclude_special_tokens`` and padded positions never reach it.
 
-    Example:
+    Examples:
         >>> store = AttnActivationStore(model, [0, 1], TokenBatches(tokens, 8))
         >>> batch = next(store)   # {"blocks.0.attn.hook_z": [4096, d_in], "blocks.1...": ...}
     """

@@ -105,6 +105,7 @@ def test_backend_for_a_bridge_is_the_bridge_backend(models) -> None:
         backend.site(2)
 
 
+@pytest.mark.slow
 def test_the_bridge_module_is_imported_only_for_bridges() -> None:
     code = (
         "import sys, sae_lens_attn; "

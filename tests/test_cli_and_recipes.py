@@ -27,6 +27,7 @@ def test_cli_rejects_unknown_command(capsys) -> None:
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_module() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sae_lens_attn", "info"], capture_output=True, text=True, check=True

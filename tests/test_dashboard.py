@@ -191,6 +191,7 @@ def test_an_sae_for_another_model_is_refused(tl_model, gqa_model, tmp_path) -> N
     importlib.util.find_spec("sae_lens_attn.default_model") is None,
     reason="the embedded default model is not in this checkout",
 )
+@pytest.mark.slow
 def test_evaluate_and_dashboard_on_the_default_model(tmp_path, capsys) -> None:
     model, _ = sla.load_default_model()
     text = tmp_path / "held_out.txt"
@@ -212,6 +213,7 @@ def test_evaluate_and_dashboard_on_the_default_model(tmp_path, capsys) -> None:
 @pytest.mark.browser
 @needs_browser
 @pytest.mark.parametrize("kind", ["transformer_lens", "hugging_face"])
+@pytest.mark.slow
 def test_dashboard_renders_in_chromium(kind, tl_model, tmp_path) -> None:
     model: Any = tl_model if kind == "transformer_lens" else build_hf("gpt2")
     sae = random_sae(AttnSite.from_model(model, 1), value_bias_convention="included")
@@ -227,3 +229,46 @@ def test_dashboard_renders_in_chromium(kind, tl_model, tmp_path) -> None:
     if board.engine == "saedashboard":  # SAEDashboard's own parts drew too (d3, Plotly loaded)
         assert report.check["saedashboard_columns"] > 0 and report.check["plotly_plots"] > 0
     assert report.screenshot[:4] == b"\x89PNG" and len(report.screenshot) > 10_000
+
+
+def test_the_index_and_each_page_say_why_a_feature_is_shown(tl_model, tmp_path) -> None:
+    sae = random_sae(AttnSite.from_model(tl_model, 1), value_bias_convention="included")
+    columns = {
+        "shown because": {3: "top by max activation (#1)", 5: "induction feature #1 of 2"},
+        "induction verdict": {3: "control", 5: "induction"},
+    }
+    board = build_dashboard(
+        tl_model, sae, prompts(), tmp_path / "d", features=[3, 5], engine="own",
+        tokenizer=make_tokenizer(VOCAB_SIZE), progress=False, index_columns=columns,
+    )  # fmt: skip
+    index = board.index.read_text()
+    assert "<th>shown because</th><th>induction verdict</th>" in index
+    for feature in (3, 5):
+        row = re.search(rf'<tr><td><a href="feature_{feature}.html">.*?</tr>', index)
+        assert row, f"no index row for feature {feature}"
+        cells = re.findall(r"<td>([^<]*)</td>", row.group(0))
+        assert cells[-2:] == [
+            columns["shown because"][feature],
+            columns["induction verdict"][feature],
+        ]
+        notes = re.search(r"<p id='feature-notes'>(.*?)</p>", board.pages[feature].read_text())
+        assert notes and columns["induction verdict"][feature] in notes.group(1)
+
+
+def test_byte_level_tokens_are_shown_with_visible_whitespace() -> None:
+    """Every token of the default model's byte-level vocabulary that holds a space (``Ġ``),
+    newline (``Ċ``) or tab (``ĉ``) is shown with the mark of each, in place."""
+    from sae_lens_attn.viz.dashboard.data import decode_token, readable_token
+
+    _, tokenizer = sla.load_default_model()
+    marks = {"Ġ": "·", "Ċ": "⏎\n", "ĉ": "→"}  # GPT-2's byte-to-unicode alphabet
+    checked = 0
+    for token_id in range(tokenizer.vocab_size):
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if not set(piece) & set(marks) or set(piece) - set(marks) - set(map(chr, range(33, 127))):
+            continue  # no whitespace, or other non-ASCII bytes (multi-byte characters)
+        expected = "".join(marks.get(char, char) for char in piece)
+        assert readable_token(decode_token(tokenizer, token_id)) == expected, piece
+        checked += 1
+    assert checked > 20
+    assert readable_token(" the") == "·the" and readable_token("\x0c") == "\\x0c"

@@ -310,6 +310,7 @@ def test_induction_score_reproduces(
 
 
 @pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.slow
 def test_sae_metrics_reproduce_on_held_out_sample(
     default: tuple[HookedTransformer, Any],
     metrics: dict[str, Any],

@@ -70,6 +70,7 @@ def tl_sae(model) -> SAE[Any]:
     return near_identity_sae(AttnSite.from_model(model, 1), value_bias_convention="included")
 
 
+@pytest.mark.slow
 def test_agrees_with_saelens_run_evals(model, tokens, tl_sae) -> None:
     ours = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[0], progress=False)
     assert set(ours) >= REQUIRED
@@ -159,6 +160,7 @@ def kissane_loss_recovered(
 
 
 @pytest.mark.parametrize("processing", ["none", "from_pretrained"])
+@pytest.mark.slow
 def test_paper_loss_recovered_matches_kissane_et_al_loop(model, tokens, processing) -> None:
     """Every position counted and spliced, BOS included, z zero-ablated at hook_z, on a model
     without weight processing ("included" z) and on one processed as from_pretrained does
@@ -190,6 +192,7 @@ def test_paper_loss_recovered_matches_kissane_et_al_loop(model, tokens, processi
     assert ours.loss_recovered_saelens != pytest.approx(ours.loss_recovered_paper, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_saelens_variant_masks_special_tokens_by_hand(model, tokens, tl_sae) -> None:
     """SAELens's positions, by hand: splice the reconstruction only where the token is not BOS,
     zero z everywhere, average the per-token losses of predictions made at non-BOS positions."""
@@ -220,6 +223,7 @@ def test_saelens_variant_masks_special_tokens_by_hand(model, tokens, tl_sae) -> 
     assert ours.loss_recovered_saelens == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_the_two_variants_agree_without_exclusions_and_exclude_from_loss(model, tokens, tl_sae):
     none_excluded = sla.evaluate(model, tl_sae, tokens, exclude_tokens=[], progress=False)
     assert none_excluded.loss_recovered_paper == none_excluded.loss_recovered_saelens
@@ -239,6 +243,7 @@ def test_the_two_variants_agree_without_exclusions_and_exclude_from_loss(model, 
 
 
 @pytest.mark.parametrize("convention", ["folded", "included"])
+@pytest.mark.slow
 def test_same_numbers_through_nnsight_and_transformer_lens(convention) -> None:
     hf = build_hf("gpt2")
     twin = build_twin(hf, fold_value_biases=False)
@@ -292,6 +297,7 @@ def test_padding_and_excluded_tokens_do_not_count(model, tl_sae) -> None:
     assert everything.n_tokens == tokens.numel() != first.n_tokens
 
 
+@pytest.mark.slow
 def test_text_dataset_with_the_models_tokenizer() -> None:
     hf = build_hf("gpt2")
     tokenizer = make_tokenizer(VOCAB_SIZE)
@@ -333,6 +339,7 @@ def test_a_dataset_too_short_for_the_context_size(model, tl_sae) -> None:
                      progress=False)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_table_for_sae_folders_on_a_hugging_face_model(tmp_path, capsys) -> None:
     hf = build_hf("gpt2")
     hf.save_pretrained(tmp_path / "model")

@@ -450,6 +450,7 @@ def test_export_checks_every_prompt_before_writing(session, tmp_path) -> None:
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_cli_export(tmp_path, capsys) -> None:
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS[:2]))

@@ -301,6 +301,7 @@ def test_the_planted_heads_attend_to_the_previous_token(plant: Planted) -> None:
     assert effects[0, POOL[1]] > 4 and effects[1, POOL[2]] < -4  # the construction holds
 
 
+@pytest.mark.slow
 def test_planted_features_get_their_families(plant: Planted) -> None:
     result = sla.analysis.feature_families(
         plant.model, plant.sae, plant.tokens, ignore_tokens=[0], batch_size=24

@@ -122,6 +122,7 @@ def test_no_firing_feature_is_refused(plant: Planted) -> None:
         sla.analysis.polysemanticity(plant.model, plant.sae, quiet, ignore_tokens=[0])
 
 
+@pytest.mark.slow
 def test_plots_and_panels_show_the_results(plant: Planted, tmp_path: Path) -> None:
     logits = sla.analysis.feature_logits(plant.model, plant.sae, [1, 2], k=5)
     families = sla.analysis.feature_families(
@@ -144,6 +145,7 @@ def test_plots_and_panels_show_the_results(plant: Planted, tmp_path: Path) -> No
     assert "never fires" in panels.family_panel(families, 6)
 
 
+@pytest.mark.slow
 def test_cli_runs_the_three_analyzers(tmp_path: Path) -> None:
     from sae_lens_attn.cli.main import main
 

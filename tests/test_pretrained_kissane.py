@@ -125,6 +125,7 @@ def hub(hub_root, monkeypatch) -> pathlib.Path:
     return use_hub_cache(monkeypatch, hub_root)
 
 
+@pytest.mark.slow
 def test_release_is_in_saelens_directory_and_comes_back_after_cache_clear() -> None:
     directory = get_pretrained_saes_directory()
     lookup = directory[RELEASE]

@@ -107,6 +107,7 @@ def test_published_folders_are_saelens_native_with_attention_metadata(published)
     assert not [p for p in published.out_dir.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_measured_metrics_are_the_numbers_saelens_evals_compute(published, model, tokens) -> None:
     """l0 and explained variance (what SAELens's benchmark checks) and CE loss recovered."""
 
@@ -226,6 +227,7 @@ torch.save(out, {out_path!r})
 """
 
 
+@pytest.mark.slow
 def test_round_trip_in_fresh_processes_by_release_and_by_repo_id(
     published, hub, model, tmp_path
 ) -> None:

@@ -276,6 +276,7 @@ def test_bad_releases_files_warn_once_and_never_break_saelens_releases(
     assert "team-good" not in get_pretrained_saes_directory()
 
 
+@pytest.mark.slow
 def test_a_releases_file_named_before_import_only_warns_in_a_fresh_process(tmp_path) -> None:
     missing = tmp_path / "nowhere.yaml"
     script = (
@@ -297,6 +298,7 @@ def test_a_releases_file_named_before_import_only_warns_in_a_fresh_process(tmp_p
     assert repo == "jbloom/GPT2-Small-SAEs-Reformatted"
 
 
+@pytest.mark.slow
 def test_saelens_behaviour_the_directory_relies_on() -> None:
     """Pins what sae_lens_attn.pretrained.directory needs of SAELens: one cached dict, read by
     every lookup through the one function, which nothing rebinds."""

@@ -306,6 +306,7 @@ def test_models_whose_stream_is_not_a_sum_of_parts_are_refused(arch, message) ->
         rdfa(hf, saes, batch(1, 8), layer=1, feature=0, position=7)
 
 
+@pytest.mark.slow
 def test_analyzer_tables_and_tree_html(default, tmp_path) -> None:
     from sae_lens_attn.analysis import AnalysisInput
     from sae_lens_attn.viz.induction_plots import induction_table_plots, rdfa_tree_html

@@ -116,6 +116,7 @@ def test_optimizer_state_is_zeroed_exactly_at_the_resampled_entries() -> None:
     assert torch.equal(optimizer.state[params["W_enc"]]["step"], state["W_enc"]["step"])
 
 
+@pytest.mark.slow
 def test_sampling_follows_the_squared_reconstruction_loss() -> None:
     """A zero SAE reconstructs 0, so input i's loss is ‖x_i‖² and P(i) ∝ ‖x_i‖⁴."""
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=4, d_sae=3))

@@ -144,6 +144,7 @@ VANILLA_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_vanilla_saelens_loads_and_runs_what_we_save(trained, model, tokens, tmp_path) -> None:
     _, out = trained
     tokens_path, out_path = tmp_path / "tokens.pt", tmp_path / "logits.pt"
@@ -216,6 +217,7 @@ def test_unknown_architecture_lists_valid_ones(model) -> None:
         sla.attn_sae_training_config(model, 0, "gated")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_registration_is_idempotent() -> None:
     import sae_lens_attn.config.sae_configs as sae_config
 

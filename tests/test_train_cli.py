@@ -43,6 +43,7 @@ def _tiny_batches(tokenizer: Any, text: str, n_rows: int) -> TokenBatches:
     return TokenBatches(batches.tokens[:n_rows], 4)
 
 
+@pytest.mark.slow
 def test_train_writes_saes_that_load_with_saelens(source_text, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     assert (
@@ -70,6 +71,7 @@ def test_bad_layers_and_sources_are_refused(source_text, tmp_path, capsys) -> No
     assert not Path(out).exists() or not any(Path(out).iterdir())
 
 
+@pytest.mark.slow
 def test_progress_bar_reaches_its_total_and_epochs_warn_once(tmp_path, monkeypatch) -> None:
     """SAELens's own bar moves by 100 steps' samples every 100 steps: it would stay at 0 here."""
     bars: list[tuple[float, float]] = []
@@ -170,6 +172,7 @@ def test_dataset_on_disk_and_the_evaluate_publish_chain(tmp_path, capsys) -> Non
     ]
 
 
+@pytest.mark.slow
 def test_the_card_takes_metrics_missing_from_the_file_from_the_sae_config(tmp_path) -> None:
     from sae_lens_attn.pretrained import publish
 

@@ -30,6 +30,13 @@ from sae_lens_attn.analysis.polysemantic_heads import (
     head_features,
     polysemanticity,
 )
+from sae_lens_attn.analysis.proxies import (
+    PROXIES,
+    ProxyHistogram,
+    induction_proxy,
+    proxy_histogram,
+    proxy_mask,
+)
 from sae_lens_attn.analysis.recursive_dfa import Contribution, RDFAResult, rdfa
 from sae_lens_attn.analysis.registry import (
     ENTRY_POINT_GROUP,
@@ -42,6 +49,7 @@ from sae_lens_attn.analysis.registry import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "PROXIES",
     "AnalysisInput",
     "Analyzer",
     "Contribution",
@@ -56,6 +64,7 @@ __all__ = [
     "Polysemanticity",
     "PrefixEvents",
     "PrefixInduction",
+    "ProxyHistogram",
     "RDFAResult",
     "classify_families",
     "dfa",
@@ -66,11 +75,14 @@ __all__ = [
     "head_attribution",
     "head_features",
     "induction_features",
+    "induction_proxy",
     "induction_scores",
     "names",
     "polysemanticity",
     "prefix_events",
     "prefix_induction",
+    "proxy_histogram",
+    "proxy_mask",
     "rdfa",
     "register",
     "repeated_random_tokens",

@@ -190,7 +190,7 @@ def dfa(
             normalisation or reshaping, or lives on another device than the model's activations;
             bad tokens, features, positions or attention mask.
 
-    Example:
+    Examples:
         >>> acts = sla.analysis.dfa(model, sae, tokens, features=[12, 99], positions=peaks)
         >>> acts.by_src[0, 0, :, 0]   # how much each source position drove feature 12
     """
@@ -203,12 +203,8 @@ def dfa(
     real = real_positions(attention_mask, tokens)
     feature_chunk = check_count("feature_chunk", feature_chunk)
     capture = dfa_capture(backend, sae, site, tokens, attention_mask)
-    assert capture.pattern is not None and capture.values is not None
-    check_device(sae, capture.z)
     return attribute(
-        capture.pattern,
-        capture.values,
-        capture.z_flat,
+        *kernel_inputs(capture),
         sae,
         site,
         feature_idx,
@@ -299,6 +295,19 @@ def attribute(
         activation_scale=terms.activation_scale,
         input_scale=scale_at,
     )
+
+
+def kernel_inputs(
+    capture: AttnCapture,
+) -> tuple[
+    Float[Tensor, " batch n_heads pos s"],
+    Float[Tensor, " batch s n_heads d_head"],
+    Float[Tensor, " batch pos d_in"],
+]:
+    """The pattern, values and flattened z of a ``dfa_capture``: ``attribute``'s first three
+    arguments."""
+    assert capture.pattern is not None and capture.values is not None  # dfa_capture asks both
+    return capture.pattern, capture.values, capture.z_flat
 
 
 def _shared_queries(
@@ -464,7 +473,11 @@ def dfa_capture(
     attention_mask: Int[Tensor, " batch pos"] | None = None,
 ) -> AttnCapture:
     """z, patterns and values for DFA: in the SAE's value-bias convention, with no attention
-    to padded source positions."""
+    to padded source positions.
+
+    Raises:
+        ValueError: the SAE's parameters are not on the device of the model's activations.
+    """
     capture = backend.capture(
         tokens,
         [site],
@@ -473,6 +486,7 @@ def dfa_capture(
         convention=sae_convention(sae, backend.native_convention),
         attention_mask=attention_mask,
     )[site.layer]
+    check_device(sae, capture.z)
     if attention_mask is not None and capture.pattern is not None:
         keep = attention_mask[:, None, None, :].to(capture.pattern.device).bool()
         capture = capture._replace(pattern=_zero_unless(keep, capture.pattern))

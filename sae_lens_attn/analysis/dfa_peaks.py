@@ -22,9 +22,9 @@ from sae_lens_attn.analysis.attribution import (
     DFAResult,
     _check_sae,
     attribute,
-    check_device,
     dfa_capture,
     feature_acts,
+    kernel_inputs,
     real_positions,
 )
 from sae_lens_attn.backends import backend_for
@@ -60,7 +60,7 @@ def dfa_at_peaks(
         A ``DFAResult`` with ``q`` = 1: ``result.by_src[:, 0]`` is ``[batch, s, F]``;
         ``by_src.sum(2) + bias`` equals ``pre_act`` wherever ``mask`` is True.
 
-    Example:
+    Examples:
         >>> peak = sla.analysis.dfa_at_peaks(model, sae, tokens, features=[12])
         >>> peak.positions[:, 0, 0], peak.fired[:, 0, 0]   # each prompt's peak, and if it fired
     """
@@ -73,20 +73,17 @@ def dfa_at_peaks(
     _check_peaks(peaks, tokens, feature_idx)
     real = real_positions(attention_mask, tokens)
     capture = dfa_capture(backend, sae, site, tokens, attention_mask)
-    assert capture.pattern is not None and capture.values is not None
-    check_device(sae, capture.z)
     acts = feature_acts(sae, capture.z, feature_idx)  # (B, T, F)
     real = real.to(acts.device)
     if peaks is None:
         peaks = peak_positions(acts, real)
+    query = peaks.to(acts.device)[:, None, :]  # one query per (prompt, feature)
     return attribute(
-        capture.pattern,
-        capture.values,
-        capture.z_flat,
+        *kernel_inputs(capture),
         sae,
         site,
         feature_idx,
-        peaks.to(acts.device)[:, None, :],
+        query,
         acts=acts,
         real=real,
         feature_chunk=feature_chunk,

@@ -4,18 +4,25 @@ the ``sae_lens_attn.analyzers`` entry points (pyproject.toml) beside the built-i
 Options (``AnalysisInput.options``): ``features`` (default: the ``top`` most active), ``k``
 (tokens per direction of ``feature_logits``, default 20), ``head_k`` (top features per head,
 default 10), ``confidence`` (default 0.5), ``n_contexts`` (default 20) and any field of
-``FamilyThresholds`` (``logit_z``, ``min_share``, ...).
+``FamilyThresholds`` (``logit_z``, ``min_share``, ...); for ``proxy_histogram``, ``proxy``
+(a built-in proxy of ``proxies``, default ``"induction"``) and ``bins`` (default 20).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
+
+from sae_lens_attn.analysis.attribution import encode_z, sae_convention
 from sae_lens_attn.analysis.builtin import top_features
 from sae_lens_attn.analysis.families import FAMILIES, FamilyThresholds, feature_families
 from sae_lens_attn.analysis.logits import feature_logits
 from sae_lens_attn.analysis.polysemantic_heads import polysemanticity
+from sae_lens_attn.analysis.proxies import proxy_histogram, proxy_mask
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
+from sae_lens_attn.backends import backend_for
+from sae_lens_attn.site import AttnSite
 from sae_lens_attn.validation import check_features
 
 
@@ -137,6 +144,52 @@ class _Polysemanticity:
         return {"head_features": tops, "head_verdicts": verdicts, "polysemanticity": [summary]}
 
 
+@dataclass(frozen=True)
+class _ProxyHistogram:
+    description: str = (
+        "each feature's activation histogram stacked by a proxy (default: induction) and its "
+        "expected value per bin (Kissane et al.'s Figure 2)"
+    )
+
+    @torch.no_grad()
+    def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
+        name = str(inputs.options.get("proxy", "induction"))
+        proxy = proxy_mask(name, inputs.tokens)  # an unknown name fails before any model pass
+        features = _features(inputs)
+        counted = None if inputs.attention_mask is None else inputs.attention_mask.bool()
+        backend = backend_for(inputs.model)
+        site = AttnSite.from_sae(inputs.sae, backend)
+        convention = sae_convention(inputs.sae, backend.native_convention)
+        z = backend.capture(
+            inputs.tokens, [site], convention=convention, attention_mask=inputs.attention_mask
+        )[site.layer].z
+        acts = encode_z(inputs.sae, z)[..., features]  # (B, pos, F)
+        bins, summary = [], []
+        for column, feature in enumerate(features):
+            hist = proxy_histogram(
+                acts[..., column],
+                proxy.to(acts.device),
+                counted=None if counted is None else counted.to(acts.device),
+                bins=int(inputs.options.get("bins", 20)),
+                name=name,
+            )
+            bins += [{"feature": feature, "proxy": name} | row for row in hist.rows()]
+            summary.append(
+                {
+                    "feature": feature,
+                    "proxy": name,
+                    "fires": bool(hist.counts_true.sum() + hist.counts_false.sum()),
+                    "active": int(hist.counts_true.sum() + hist.counts_false.sum()),
+                    "proxy_tokens": int(hist.counts_true.sum()) + hist.inactive_true,
+                    "base_rate": hist.base_rate,
+                    "specificity": hist.specificity,
+                    "expected_share": hist.expected_share,
+                    "sensitivity": hist.sensitivity,
+                }
+            )
+        return {"proxy_histogram": bins, "proxy_summary": summary}
+
+
 def _features(inputs: AnalysisInput) -> list[int]:
     given = inputs.options.get("features")
     chosen = given if given is not None else top_features(inputs, int(inputs.options.get("top", 8)))
@@ -151,3 +204,4 @@ def _thresholds(inputs: AnalysisInput) -> FamilyThresholds:
 FEATURE_LOGITS = _FeatureLogits()
 FEATURE_FAMILIES = _FeatureFamilies()
 POLYSEMANTICITY = _Polysemanticity()
+PROXY_HISTOGRAM = _ProxyHistogram()

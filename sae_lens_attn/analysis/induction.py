@@ -73,7 +73,7 @@ def induction_scores(
     Returns:
         Scores ``[n_layers, n_heads]`` in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> scores = sla.analysis.induction_scores(model)
         >>> scores[1].max()   # the best layer-1 head
     """

@@ -130,7 +130,7 @@ def feature_logits(
         ValueError: the model has no unembedding, the SAE does not read its hook_z, features
             are out of range, or ``k`` is not in ``1..d_vocab``.
 
-    Example:
+    Examples:
         >>> logits = sla.analysis.feature_logits(model, sae, features=[7], k=5)
         >>> logits.top_tokens[0]   # the five tokens feature 7 promotes most
     """

@@ -164,7 +164,7 @@ def prefix_induction(
         ValueError: a prefix length that does not fit the rows or the model's context, layers
             out of range, or a vocabulary too small for rows of distinct tokens.
 
-    Example:
+    Examples:
         >>> result = sla.analysis.prefix_induction(model, layers=[1])
         >>> result.scores[0, :, 0]   # every layer-1 head at prefix length 1
     """

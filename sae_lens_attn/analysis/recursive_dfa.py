@@ -182,7 +182,7 @@ def rdfa(
             bad tokens, feature or position, or a model whose residual stream is not a sum
             of parts.
 
-    Example:
+    Examples:
         >>> result = sla.analysis.rdfa(model, [sae0, sae1], tokens, layer=1, feature=253, position=40)
         >>> sum(row.value for row in result.contributions) + result.bias   # == result.pre_act
     """

@@ -253,13 +253,11 @@ _LLAMA_LIKE = HFArchitecture(
     attn_norm="input_layernorm",
 )
 
-_DEEPSEEK_MLA = HFArchitecture(
-    layers_path="model.layers",
-    attn="self_attn",
-    out_proj="self_attn.o_proj",  # z is [n_heads * v_head_dim]; v_head_dim may differ from q/k's
+# z (the o_proj input) is [n_heads * v_head_dim]; v_head_dim may differ from q/k's
+_DEEPSEEK_MLA = replace(
+    _LLAMA_LIKE,
     values="self_attn.kv_b_proj",  # [n_heads, qk_nope_head_dim + v_head_dim], values last
     values_layout="kv_per_head",
-    attn_norm="input_layernorm",
     kv_heads=None,
     latent_values=True,
 )
@@ -289,15 +287,7 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     "Qwen2MoeForCausalLM": replace(_LLAMA_LIKE, output_attentions=True),
     "StableLmForCausalLM": replace(_LLAMA_LIKE, output_attentions=True),  # LayerNorm with bias
-    "GptOssForCausalLM": HFArchitecture(
-        layers_path="model.layers",
-        attn="self_attn",
-        out_proj="self_attn.o_proj",
-        values="self_attn.v_proj",
-        values_layout="separate",
-        attn_norm="input_layernorm",
-        attention_sinks=True,
-    ),
+    "GptOssForCausalLM": replace(_LLAMA_LIKE, attention_sinks=True),
     "OPTForCausalLM": HFArchitecture(
         layers_path="model.decoder.layers",
         attn="self_attn",
@@ -331,21 +321,12 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "Qwen3ForCausalLM": _LLAMA_LIKE,
     "Qwen3MoeForCausalLM": _LLAMA_LIKE,
     "Gemma3ForCausalLM": replace(_LLAMA_LIKE, sublayer_norms=True),
-    "PhiForCausalLM": HFArchitecture(
-        layers_path="model.layers",
-        attn="self_attn",
-        out_proj="self_attn.dense",
-        values="self_attn.v_proj",
-        values_layout="separate",
-        attn_norm="input_layernorm",  # LayerNorm with bias, shared by the parallel MLP
-    ),
-    "Phi3ForCausalLM": HFArchitecture(
-        layers_path="model.layers",
-        attn="self_attn",
-        out_proj="self_attn.o_proj",
-        values="self_attn.qkv_proj",  # q | k | v blocks, GQA
-        values_layout="qkv_blocks",
-        attn_norm="input_layernorm",
+    # input_layernorm: LayerNorm with bias, shared by the parallel MLP
+    "PhiForCausalLM": replace(_LLAMA_LIKE, out_proj="self_attn.dense"),
+    "Phi3ForCausalLM": replace(
+        _LLAMA_LIKE,
+        values="self_attn.qkv_proj",
+        values_layout="qkv_blocks",  # q|k|v, GQA
     ),
     "OlmoForCausalLM": replace(_LLAMA_LIKE, values_clip="clip_qkv"),  # LayerNorm, no parameters
     # norms after the sublayers only

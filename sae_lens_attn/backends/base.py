@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -10,9 +11,9 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
-from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite, ValueBiasConvention
+from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite, ValueBiasConvention, check_layer
 
 ZReplacement = Callable[[Float[Tensor, " batch pos n_heads d_head"]], Tensor]
 """Maps z (in the requested value-bias convention) to the z the model should use instead."""
@@ -99,9 +100,38 @@ def splicer(replace: ZReplacement, bias: Tensor | None) -> ActivationFn:
     return splice
 
 
+TorchForwardHook = Callable[[nn.Module, Any, Tensor], Tensor | None]
+"""A torch forward hook: sees a module's output; a returned tensor replaces it."""
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, TorchForwardHook]]) -> Iterator[None]:
+    """Register each ``(module, hook)`` as a torch forward hook for the block; all are removed
+    on exit, exceptions included (also one raised while ``hooks`` is still being read)."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 InterventionKind = Literal["z", "values", "patterns"]
 """What a callback sees: z (replaceable), values (KV heads not expanded), attention patterns."""
 INTERVENTION_KINDS: tuple[InterventionKind, ...] = get_args(InterventionKind)
+_SITE_HOOK: dict[InterventionKind, str] = {
+    "z": "hook_name",
+    "values": "values_hook_name",
+    "patterns": "pattern_hook_name",
+}
+"""The ``AttnSite`` property naming the TransformerLens hook of each kind."""
+
+
+def hook_name_of(site: AttnSite, kind: InterventionKind) -> str:
+    """The TransformerLens hook name at which ``site`` has the activation of ``kind``."""
+    return getattr(site, _SITE_HOOK[kind])
 
 
 @dataclass
@@ -208,8 +238,8 @@ class AttnBackend(ABC):
         convention: ValueBiasConvention = "folded",
     ) -> Iterator[Captures]:
         """Collect z (and optionally patterns and values) at ``sites`` during forward passes."""
+        convention = self._deliverable(convention)
         sites = [self._own(site) for site in sites]
-        convention = check_convention(convention)
         # Value biases are read only where they are subtracted: a model on the meta device
         # (nnsight's remote runs) has none to read, and captures in its own convention.
         biases = self.value_biases(sites) if convention == "folded" else {}
@@ -232,7 +262,7 @@ class AttnBackend(ABC):
         convention: ValueBiasConvention = "folded",
     ) -> Iterator[None]:
         """Replace z at each site by ``fn(z)`` during forward passes; ``z`` in ``convention``."""
-        check_convention(convention)
+        convention = self._deliverable(convention)
         plan = Interventions()
         for site, replace in replacements.items():
             bias = self.value_bias(self._own(site)) if convention == "folded" else None
@@ -295,6 +325,17 @@ class AttnBackend(ABC):
                 attention_mask=attention_mask,
             )
         return caps
+
+    def _deliverable(self, convention: str) -> ValueBiasConvention:
+        """``convention`` if z can be delivered in it on this model, else ``ValueError``; every
+        backend checks that it is a value-bias convention, some also refuse one they cannot
+        restore."""
+        return check_convention(convention)
+
+    def _site_like(self, heads: AttnSite, layer: int) -> AttnSite:
+        """The site of ``layer`` (checked against ``n_layers``) with the heads of ``heads``,
+        for a model whose layers all have the same heads."""
+        return dataclasses.replace(heads, layer=check_layer(layer, self.n_layers))
 
     def _own(self, site: AttnSite) -> AttnSite:
         """``site`` if it is one of this model's sites, else a clear error."""

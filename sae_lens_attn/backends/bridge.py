@@ -24,7 +24,7 @@ one with these worked around (see ``docs/upstream.md`` for the upstream fix).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,14 +42,14 @@ from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, HFArchitectur
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,
-    Captures,
     InterventionKind,
     Interventions,
-    ZReplacement,
-    check_convention,
+    TorchForwardHook,
     expand_kv_heads,
+    forward_hooks,
+    hook_name_of,
 )
-from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
+from sae_lens_attn.site import AttnSite, ValueBiasConvention
 
 _TL_HOOK: dict[InterventionKind, str] = {
     "z": "hook_z",
@@ -57,12 +57,6 @@ _TL_HOOK: dict[InterventionKind, str] = {
     "patterns": "hook_pattern",
 }
 """The TransformerLens hook name (an alias on the bridge's attention component) of each kind."""
-_SITE_HOOK: dict[InterventionKind, str] = {
-    "z": "hook_name",
-    "values": "values_hook_name",
-    "patterns": "pattern_hook_name",
-}
-"""The ``AttnSite`` property naming the hook of each kind, for messages."""
 
 
 class BridgeBackend(AttnBackend):
@@ -96,10 +90,14 @@ class BridgeBackend(AttnBackend):
         self.model = bridge
         cfg = bridge.cfg
         self._n_layers = len(blocks)
-        self._n_heads: int = cfg.n_heads
-        self._n_kv_heads: int = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-        self._d_head: int = cfg.d_head
-        self.site(0)  # AttnSite validates the head structure (whole grouped-query groups)
+        # AttnSite validates the head structure (whole grouped-query groups)
+        self._heads = AttnSite(
+            layer=0,
+            n_heads=cfg.n_heads,
+            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+            d_head=cfg.d_head,
+        )
+        self.site(0)  # a bridge without blocks has no site
         self._probing = False
 
     @property
@@ -126,12 +124,7 @@ class BridgeBackend(AttnBackend):
         return super().native_convention
 
     def site(self, layer: int) -> AttnSite:
-        return AttnSite(
-            layer=check_layer(layer, self._n_layers),
-            n_heads=self._n_heads,
-            n_kv_heads=self._n_kv_heads,
-            d_head=self._d_head,
-        )
+        return self._site_like(self._heads, layer)
 
     @torch.no_grad()
     def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:
@@ -179,47 +172,11 @@ class BridgeBackend(AttnBackend):
         return self.model.W_U.detach()
 
     @contextmanager
-    def capturing(
-        self,
-        sites: Iterable[AttnSite],
-        *,
-        pattern: bool = False,
-        values: bool = False,
-        convention: ValueBiasConvention = "folded",
-    ) -> Iterator[Captures]:
-        """``AttnBackend.capturing``, refusing ``"included"`` where the value biases are gone."""
-        self._check_deliverable(convention)
-        with super().capturing(
-            sites, pattern=pattern, values=values, convention=convention
-        ) as captures:
-            yield captures
-
-    @contextmanager
-    def splicing(
-        self,
-        replacements: Mapping[AttnSite, ZReplacement],
-        *,
-        convention: ValueBiasConvention = "folded",
-    ) -> Iterator[None]:
-        """``AttnBackend.splicing``, refusing ``"included"`` where the value biases are gone."""
-        self._check_deliverable(convention)
-        with super().splicing(replacements, convention=convention):
-            yield
-
-    @contextmanager
     def intervening(self, plan: Interventions) -> Iterator[None]:
         """Attach the plan's callbacks as forward hooks on the attention's hook points (resolved
         through its aliases: ``hook_z`` is ``o.hook_in``); always detach them."""
-        handles = []
-        try:
-            for kind, layer, fn in plan.items():
-                site = self.site(layer)
-                point = self._hook_point(site, kind)
-                handles.append(point.register_forward_hook(self._torch_hook(kind, site, fn)))
+        with forward_hooks(self._forward_hooks(plan)):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def forward(
         self,
@@ -250,6 +207,12 @@ class BridgeBackend(AttnBackend):
                 handle.remove()
         return None
 
+    def _forward_hooks(self, plan: Interventions) -> Iterator[tuple[nn.Module, TorchForwardHook]]:
+        """Each callback of ``plan`` as a torch forward hook, with the module it goes on."""
+        for kind, layer, fn in plan.items():
+            site = self.site(layer)
+            yield self._hook_point(site, kind), self._torch_hook(kind, site, fn)
+
     def _hook_point(self, site: AttnSite, kind: InterventionKind) -> nn.Module:
         """The module at the attention's hook of ``kind`` (a ``HookPoint``, or the SAE wrapper
         that SAELens put in its place)."""
@@ -269,11 +232,11 @@ class BridgeBackend(AttnBackend):
 
     def _torch_hook(
         self, kind: InterventionKind, site: AttnSite, fn: ActivationFn
-    ) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
+    ) -> TorchForwardHook:
         """A torch forward hook giving ``fn`` the activation in TransformerLens shape; a z that
         ``fn`` returns goes back into the model in the raw layout."""
         heads = site.n_kv_heads if kind == "values" else site.n_heads
-        name = getattr(site, _SITE_HOOK[kind])
+        name = hook_name_of(site, kind)
 
         def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor | None:
             if self._probing:
@@ -297,9 +260,11 @@ class BridgeBackend(AttnBackend):
         finally:
             self._probing = before
 
-    def _check_deliverable(self, convention: str) -> None:
-        """Raise unless z can be delivered in ``convention`` on this bridge."""
-        if check_convention(convention) == "included" and self._value_biases_folded_away():
+    def _deliverable(self, convention: str) -> ValueBiasConvention:
+        """``convention``, refusing ``"included"`` where compatibility mode folded the value
+        biases away."""
+        convention = super()._deliverable(convention)
+        if convention == "included" and self._value_biases_folded_away():
             raise ValueError(
                 "z was asked for in the 'included' value-bias convention (z with b_V + β·W_V, "
                 "as an SAE recording value_bias_convention='included' was trained on), but this "
@@ -310,6 +275,7 @@ class BridgeBackend(AttnBackend):
                 "enable_compatibility_mode(), or with enable_compatibility_mode("
                 "fold_value_biases=False)"
             )
+        return convention
 
     def _value_biases_folded_away(self) -> bool:
         """Whether compatibility mode removed value biases that the model's modules hold: a
@@ -448,7 +414,7 @@ def sae_bridge(model_name: str, **boot_kwargs: Any) -> HookZSAETransformerBridge
         An ``SAETransformerBridge`` (``add_sae``, ``run_with_saes``, ...) on which hook_z
         SAEs train through SAELens's runner and splice back.
 
-    Example:
+    Examples:
         >>> bridge = sae_bridge("gpt2", device="cpu")
         >>> logits = bridge.run_with_saes(tokens, saes=[sae])  # sae on blocks.5.attn.hook_z
     """

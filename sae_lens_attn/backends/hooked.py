@@ -11,20 +11,29 @@ read-only, with every forward pass run through the nnsight backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
-
-try:  # TransformerLens 3 deprecates the hook_points path; 2.18 has only that one
-    from transformer_lens import HookedRootModule  # pyright: ignore[reportAttributeAccessIssue]
-except ImportError:
-    from transformer_lens.hook_points import HookedRootModule
 from transformer_lens.HookedTransformer import Output
-from transformer_lens.utils import lm_cross_entropy_loss
+
+# TransformerLens 3 deprecates the old paths of these two; 2.18 has only those.
+if TYPE_CHECKING:  # the one path both stacks' type stubs resolve
+    from transformer_lens.hook_points import HookedRootModule
+else:
+    try:
+        from transformer_lens import HookedRootModule
+    except ImportError:
+        from transformer_lens.hook_points import HookedRootModule
+try:
+    from transformer_lens.utilities import (
+        lm_cross_entropy_loss,  # pyright: ignore[reportAttributeAccessIssue]
+    )
+except ImportError:
+    from transformer_lens.utils import lm_cross_entropy_loss
 
 from sae_lens_attn.backends import SUPPORTED_MODEL_TYPES, is_hf_model
 from sae_lens_attn.backends.base import Interventions
@@ -194,7 +203,7 @@ def hooked(model: Any, tokenizer: Any = None, *, remote: bool = False) -> Any:
     Raises:
         TypeError: ``model`` is of another type; the message lists the supported types.
 
-    Example:
+    Examples:
         >>> hooked_model = sla.hooked(AutoModelForCausalLM.from_pretrained("gpt2"), tokenizer)
         >>> _, cache = hooked_model.run_with_cache(tokens, names_filter="blocks.5.attn.hook_z")
     """

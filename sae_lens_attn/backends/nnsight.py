@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, hf_architecture
 from sae_lens_attn.backends.base import AttnBackend, Interventions, expand_kv_heads
-from sae_lens_attn.site import AttnSite, ValueBiasConvention, check_layer
+from sae_lens_attn.site import AttnSite, ValueBiasConvention
 
 
 class NNsightBackend(AttnBackend):
@@ -81,6 +81,9 @@ class NNsightBackend(AttnBackend):
                 f"z width {d_in} of {type(self.model).__name__} is not a multiple of n_heads={self._n_heads}"
             )
         self._d_head = d_in // self._n_heads
+        self._heads = AttnSite(
+            layer=0, n_heads=self._n_heads, n_kv_heads=self._n_kv_heads, d_head=self._d_head
+        )
         self._active: list[Interventions] = []
         # No pass here decodes further, so a KV cache would only cost copies of k and v.
         self._skip_cache = "use_cache" in inspect.signature(self.model.forward).parameters
@@ -109,12 +112,7 @@ class NNsightBackend(AttnBackend):
         return self._n_layers
 
     def site(self, layer: int) -> AttnSite:
-        return AttnSite(
-            layer=check_layer(layer, self._n_layers),
-            n_heads=self._n_heads,
-            n_kv_heads=self._n_kv_heads,
-            d_head=self._d_head,
-        )
+        return self._site_like(self._heads, layer)
 
     @torch.no_grad()
     def value_bias(self, site: AttnSite) -> Float[Tensor, " n_heads d_head"]:

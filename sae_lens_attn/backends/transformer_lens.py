@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -15,8 +14,10 @@ from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,
-    InterventionKind,
     Interventions,
+    TorchForwardHook,
+    forward_hooks,
+    hook_name_of,
 )
 from sae_lens_attn.site import AttnSite, check_layer
 
@@ -76,15 +77,12 @@ class TransformerLensBackend(AttnBackend):
     def intervening(self, plan: Interventions) -> Iterator[None]:
         """Attach the plan's callbacks to hook points as forward hooks; always detach them."""
         hook_points: dict[str, nn.Module] = self.model.hook_dict  # type: ignore[assignment]
-        handles = []
-        try:
-            for kind, layer, fn in plan.items():
-                name = getattr(self.site(layer), _HOOK_OF_KIND[kind])
-                handles.append(hook_points[name].register_forward_hook(_as_torch_hook(fn)))
+        hooks = (
+            (hook_points[hook_name_of(self.site(layer), kind)], _as_torch_hook(fn))
+            for kind, layer, fn in plan.items()
+        )
+        with forward_hooks(hooks):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def forward(
         self,
@@ -101,13 +99,5 @@ class TransformerLensBackend(AttnBackend):
         return self.model(tokens, return_type="logits", attention_mask=attention_mask)
 
 
-_HOOK_OF_KIND: dict[InterventionKind, str] = {
-    "z": "hook_name",
-    "values": "values_hook_name",
-    "patterns": "pattern_hook_name",
-}
-"""The ``AttnSite`` property naming the hook point each kind of callback goes on."""
-
-
-def _as_torch_hook(fn: ActivationFn) -> Callable[[nn.Module, Any, Tensor], Tensor | None]:
+def _as_torch_hook(fn: ActivationFn) -> TorchForwardHook:
     return lambda _module, _inputs, output: fn(output)

@@ -30,8 +30,8 @@ def add_parser(commands: Any) -> None:
         help="run named analyzers on a model, an SAE and text; write tables and plots",
         description="Run analyzers (see --list) and write their tables (CSV or JSON) and plots "
         "(head-attribution heatmap PNG, DFA-highlighted tokens HTML, and feature-logit, "
-        "family-count and head-family PNGs, prefix-induction PNGs and an RDFA tree HTML for "
-        "those analyzers) into --out.",
+        "family-count and head-family PNGs, prefix-induction PNGs, an RDFA tree HTML and the "
+        "proxy-histogram PNG for those analyzers) into --out.",
     )
     parser.add_argument(
         "--list", action="store_true", help="list the registered analyzers and exit"

@@ -34,6 +34,14 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--context-size", type=count(), default=128, help="tokens per context")
     parser.add_argument("--max-prompts", type=count(), default=64, help="contexts to use at most")
     parser.add_argument(
+        "--upstream-sae",
+        action="append",
+        default=[],
+        metavar="SAE",
+        help="an SAE of an earlier layer, for the recursive-DFA panel (folder or RELEASE:ID; "
+        "repeatable; a layer without one counts as an error term)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an --out an earlier dashboard wrote"
     )
     parser.set_defaults(run=run)
@@ -50,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     dashboard = build_dashboard(
         model, sae, tokens, args.out, features=args.features, top=args.top, tokenizer=tokenizer,
         engine=args.engine, n_contexts=args.contexts, overwrite=args.overwrite,
+        upstream_saes=[load_sae(spec) for spec in args.upstream_sae],
     )  # fmt: skip
     print(f"wrote {len(dashboard.pages)} feature pages ({dashboard.engine}) to {dashboard.out_dir}")
     if dashboard.note:

@@ -54,7 +54,8 @@ def add_parser(commands: Any) -> None:
         "--features",
         type=count(),
         default=defaults.features,
-        help=f"features in the dashboards, induction features first (default: {defaults.features})",
+        help="features in the dashboards: half induction features, half those of largest max "
+        f"activation (default: {defaults.features})",
     )
     parser.add_argument(
         "--seed",

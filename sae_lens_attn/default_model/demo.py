@@ -22,12 +22,17 @@ from tqdm.auto import tqdm
 
 from sae_lens_attn.analysis import AnalysisInput, get, head_attribution, induction_features
 from sae_lens_attn.default_model import RELEASE_NAME, corpus, load_default_model
+from sae_lens_attn.default_model.metrics import read_metrics
 from sae_lens_attn.evaluation import evaluate
 from sae_lens_attn.outputs import atomic_output
 from sae_lens_attn.store import TokenBatches
 from sae_lens_attn.training.train import train_attn_saes
 from sae_lens_attn.viz.dashboard.build import build_dashboard
-from sae_lens_attn.viz.plots import head_attribution_heatmap, layer_metrics_png
+from sae_lens_attn.viz.plots import (
+    feature_density_png,
+    head_attribution_heatmap,
+    layer_metrics_png,
+)
 
 INDUCTION_HEAD_SCORE = 0.75
 """Induction score that makes a head an induction head here. All four layer-1 heads of the
@@ -44,6 +49,53 @@ SUMMARY_METRICS = (
     "delta_ce",
     "kl",
 )
+METRIC_DEFINITIONS = {
+    "l0": (
+        "mean number of features active per token (for a TopK SAE k by construction: it only "
+        "checks that the SAE ran as configured)",
+        "lower is sparser",
+    ),
+    "loss_recovered_zero": (
+        "(CE_zero − CE_sae) / (CE_zero − CE_clean): the share of the loss that zeroing the "
+        "layer's attention output costs which splicing in the reconstruction wins back",
+        "higher is better, 1 = the clean model",
+    ),
+    "loss_recovered_mean": (
+        "the same with the mean attention output as the baseline, a stricter baseline than zero",
+        "higher is better, 1 = the clean model",
+    ),
+    "dead_fraction": ("share of features never active on the held-out tokens", "lower is better"),
+    "explained_variance": (
+        "1 − MSE / Var(z): share of the variance of the attention output z the reconstruction "
+        "explains",
+        "higher is better, 1 = exact",
+    ),
+    "delta_ce": (
+        "CE_sae − CE_clean: next-token cross-entropy added by the reconstruction (nats per token)",
+        "lower is better, 0 = no loss",
+    ),
+    "kl": (
+        "mean KL(clean ‖ with SAE) of the next-token distributions (nats)",
+        "lower is better, 0 = unchanged predictions",
+    ),
+    "induction score": (
+        "attention a head pays from a token to the token after its previous occurrence, on "
+        "repeated random tokens",
+        "higher is more induction-like",
+    ),
+    "pass rate": (
+        "share of a feature's firing contexts whose top DFA source token follows an earlier copy "
+        "of the current token",
+        "higher is more induction-like",
+    ),
+    "negative-control pass rate": (
+        "the pass rate over the control features (little head attribution to induction heads)",
+        "low means the behaviour test is selective",
+    ),
+}
+"""What each figure of the summary measures, and which direction is better."""
+SHOWN_BECAUSE, VERDICT = "shown because", "induction verdict"
+"""Columns the demo adds to the dashboard's index."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +113,8 @@ class DemoOptions:
     eval_contexts: int = 64
     """Held-out contexts for evaluation, analysis and dashboards."""
     features: int = 12
-    """Features shown in the dashboards (induction features first)."""
+    """Features shown in the dashboards: half of them induction features (by pass rate), the
+    rest those of largest max activation, whatever their verdict (``_shown``)."""
     seed: int = 0
     """Seed of training and sampling."""
     progress: bool = True
@@ -139,6 +192,7 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         d_sae=shipped.cfg.d_sae,
         exclude_special_tokens=[int(cast(int, tokenizer.bos_token_id))],
         seed=options.seed,
+        progress=options.progress,
         **arch_kwargs,
     )
     fresh = SAE.load_from_disk(saved[options.layer])
@@ -149,17 +203,12 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         name: dict(evaluate(model, sae, eval_tokens, progress=False).items())
         for name, sae in (("fresh", fresh), ("shipped", shipped))
     }
+    layer_saes = [
+        SAE.from_pretrained(RELEASE_NAME, f"blocks.{layer}") for layer in range(model.cfg.n_layers)
+    ]
+    layer_evaluations = [evaluate(model, sae, eval_tokens, progress=False) for sae in layer_saes]
     per_layer = [
-        {
-            "layer": layer,
-            **evaluate(
-                model,
-                SAE.from_pretrained(RELEASE_NAME, f"blocks.{layer}"),
-                eval_tokens,
-                progress=False,
-            ),
-        }
-        for layer in range(model.cfg.n_layers)
+        {"layer": layer, **evaluation} for layer, evaluation in enumerate(layer_evaluations)
     ]
     _write_rows(
         folder / "evaluation.csv",
@@ -168,7 +217,15 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
     _write_rows(folder / "evaluation_per_layer.csv", per_layer)
     (folder / "plots").mkdir()
     layer_metrics_png(
-        per_layer, folder / "plots" / "layers.png", title=f"{RELEASE_NAME} on held-out files"
+        per_layer,
+        folder / "plots" / "layers.png",
+        title=f"{RELEASE_NAME} on held-out files",
+        show_l0=any(sae.cfg.architecture() != "topk" for sae in layer_saes),
+    )
+    feature_density_png(
+        {f"layer {i}": e.feature_density for i, e in enumerate(layer_evaluations)},
+        folder / "plots" / "feature_density.png",
+        title=f"{RELEASE_NAME}: how often each feature fires on held-out files",
     )
     steps.update()
 
@@ -187,9 +244,9 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
     steps.update()
 
     step("writing dashboards and plots")
-    shown = (found + [f for f in _most_active(model, shipped, eval_tokens) if f not in found])[
-        : options.features
-    ]
+    by_max = _most_active(model, shipped, eval_tokens)
+    reasons = _shown(found, by_max, options.features)
+    shown = list(reasons)
     dashboard = build_dashboard(
         model,
         shipped,
@@ -199,6 +256,10 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         tokenizer=tokenizer,
         progress=False,
         title=f"{RELEASE_NAME} blocks.{options.layer}",
+        index_columns={SHOWN_BECAUSE: reasons, VERDICT: _verdicts(shown, report)},
+        upstream_saes=[  # the recursive-DFA panel recurses into every earlier layer's SAE
+            SAE.from_pretrained(RELEASE_NAME, f"blocks.{layer}") for layer in range(options.layer)
+        ],
     )
     head_attribution_heatmap(
         head_attribution(shipped)[shown],
@@ -219,7 +280,14 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         control_pass_rate=report.control_pass_rate(),
         seconds=seconds,
     )
-    _write_summary(result, options, report, dashboard.index.relative_to(folder), eval_tokens.shape)
+    _write_summary(
+        result,
+        options,
+        report,
+        dashboard.index.relative_to(folder),
+        eval_tokens.shape,
+        _configuration(layer_saes, fresh, options.train_tokens),
+    )
     steps.update()
     steps.close()
     return result
@@ -245,6 +313,54 @@ def _sample_texts(
     return texts
 
 
+def _shown(found: Sequence[int], by_max: Sequence[int], n: int) -> dict[int, str]:
+    """``n`` features, each with why it is shown: the best ``ceil(n / 2)`` induction features,
+    then the features of largest max activation not shown yet (so the dashboard also shows what
+    the SAE does besides induction), then further induction features if those run out."""
+    shown = {
+        f: f"induction feature #{rank} of {len(found)} by pass rate"
+        for rank, f in enumerate(found[: (n + 1) // 2], 1)
+    }
+    for rank, f in enumerate(by_max, 1):
+        if len(shown) < n and f not in shown:
+            shown[f] = f"top by max activation (#{rank})"
+    for rank, f in enumerate(found, 1):
+        if len(shown) < n and f not in shown:
+            shown[f] = f"induction feature #{rank} of {len(found)} by pass rate"
+    return shown
+
+
+def _verdicts(features: Sequence[int], report: Any) -> dict[int, str]:
+    """The induction analyzer's verdict on each feature (a feature without a row never fired and
+    is in the control: ``induction_features``)."""
+    rows = {row.feature: row.verdict for row in report.rows}
+    return {f: rows.get(f, "control") for f in features}
+
+
+def _configuration(shipped: Sequence[Any], fresh: Any, fresh_tokens: int) -> list[str]:
+    """Markdown table of the SAEs' configuration, read from their cfg and the release's
+    metadata (``metrics.json``: training tokens)."""
+    training = read_metrics().get("training", {})
+    shipped_tokens = training.get("sae_tokens") if isinstance(training, dict) else None
+
+    def row(name: str, sae: Any, tokens: Any) -> str:
+        cfg = sae.cfg
+        k = getattr(cfg, "k", None)
+        return (
+            f"| {name} | {cfg.architecture()} ({cfg.metadata.training_architecture}) | "
+            f"{cfg.d_in} | {cfg.d_sae} ({cfg.d_sae / cfg.d_in:g}× d_in) | "
+            f"{'—' if k is None else k} | "
+            f"{'not recorded' if tokens is None else f'{int(tokens):,}'} |"
+        )
+
+    return [
+        "| SAE | architecture | d_in | d_sae | k | training tokens |",
+        "|---|---|---|---|---|---|",
+        *(row(f"shipped {sae.cfg.metadata.hook_name}", sae, shipped_tokens) for sae in shipped),
+        row(f"fresh {fresh.cfg.metadata.hook_name}", fresh, fresh_tokens),
+    ]
+
+
 def _most_active(model: Any, sae: Any, tokens: torch.Tensor) -> list[int]:
     from sae_lens_attn.analysis.builtin import top_features
 
@@ -260,22 +376,35 @@ def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _write_summary(
-    result: DemoResult, options: DemoOptions, report: Any, dashboard: Path, shape: Any
+    result: DemoResult,
+    options: DemoOptions,
+    report: Any,
+    dashboard: Path,
+    shape: Any,
+    configuration: Sequence[str],
 ) -> None:
     heads = ", ".join(f"H{h} {s:.2f}" for h, s in enumerate(report.head_scores))
+    names = list(result.evaluation)
+    thresholds = report.thresholds
     lines = [
         "# sae-lens-attn demo",
         "",
-        f"Embedded default model, layer {options.layer}; {shape[0]} held-out contexts of {shape[1]} tokens; "
-        f"{result.seconds:.0f} s.",
+        f"Embedded default model, layer {options.layer}; {shape[0]} held-out contexts of "
+        f"{shape[1]} tokens; {result.seconds:.0f} s.",
+        "",
+        "## SAE configuration",
+        "",
+        *configuration,
         "",
         "## Evaluation (held-out files)",
         "",
-        "| SAE | " + " | ".join(SUMMARY_METRICS) + " |",
-        "|---|" + "---|" * len(SUMMARY_METRICS),
+        "| metric | " + " | ".join(names) + " | better |",
+        "|---|" + "---|" * (len(names) + 1),
         *(
-            f"| {name} | " + " | ".join(f"{metrics[key]:.4g}" for key in SUMMARY_METRICS) + " |"
-            for name, metrics in result.evaluation.items()
+            f"| {key} | "
+            + " | ".join(f"{result.evaluation[name][key]:.4g}" for name in names)
+            + f" | {METRIC_DEFINITIONS[key][1]} |"
+            for key in SUMMARY_METRICS
         ),
         "",
         "## Induction",
@@ -283,17 +412,27 @@ def _write_summary(
         f"Induction scores of layer {options.layer}'s heads: {heads}; induction heads "
         f"(score ≥ {INDUCTION_HEAD_SCORE}): {list(report.induction_heads)}.",
         f"Induction features of the shipped SAE: {len(result.induction_features)} "
-        f"({', '.join(map(str, result.induction_features[:20]))}); "
-        f"negative-control pass rate {result.control_pass_rate:.2f}.",
+        f"({', '.join(map(str, result.induction_features[:20]))}): at least "
+        f"{thresholds['selection_share']:.0%} of the decoder norm in the induction heads and a "
+        f"pass rate of at least {thresholds['pass_rate']:.0%}; negative-control pass rate "
+        f"{result.control_pass_rate:.2f} (features under {thresholds['control_share']:.0%} in "
+        "the induction heads).",
+        "",
+        "## What the figures mean",
+        "",
+        *(f"- {name}: {what}; {better}." for name, (what, better) in METRIC_DEFINITIONS.items()),
         "",
         "## Plots",
         "",
-        "![per layer](plots/layers.png)",
-        "![head attribution](plots/head_attribution.png)",
+        "![loss recovered per layer](plots/layers.png)",
+        "![feature density per layer](plots/feature_density.png)",
+        "![head attribution of the dashboard's features](plots/head_attribution.png)",
         "",
         "## Files",
         "",
-        f"- [dashboard]({dashboard.as_posix()}) — feature pages with DFA and head attribution",
+        f"- [dashboard]({dashboard.as_posix()}) — feature pages with DFA and head attribution: "
+        "the induction features by pass rate, then the features of largest max activation; the "
+        "index gives each one's reason and induction verdict",
         "- [evaluation.csv](evaluation.csv) — fresh and shipped SAE on held-out contexts",
         "- [evaluation_per_layer.csv](evaluation_per_layer.csv) — the shipped SAEs per layer",
         "- [analysis/](analysis/) — analyzer tables (DFA, head attribution, induction)",
@@ -321,9 +460,12 @@ def _markdown_page(lines: Sequence[str]) -> str:
         if line.startswith("|---"):
             continue
         if line.startswith("|"):
+            cell = "th" if open_tag != "table" else "td"  # a table's first row is its header
             switch("table")
             cells = [c.strip() for c in line.strip("|").split("|")]
-            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            body.append(
+                "<tr>" + "".join(f"<{cell}>{html.escape(c)}</{cell}>" for c in cells) + "</tr>"
+            )
         elif line.startswith("!["):
             switch("")
             alt, target = line[2:].rstrip(")").split("](", 1)
@@ -336,6 +478,9 @@ def _markdown_page(lines: Sequence[str]) -> str:
             target, rest = rest.split(")", 1)
             link = f'<a href="{html.escape(target)}">{html.escape(label)}</a>'
             body.append(f"<li>{link}{html.escape(rest)}</li>")
+        elif line.startswith("- "):
+            switch("ul")
+            body.append(f"<li>{html.escape(line[2:])}</li>")
         else:
             switch("")
             if line.startswith("# "):
@@ -348,7 +493,8 @@ def _markdown_page(lines: Sequence[str]) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>sae-lens-attn demo</title>"
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}"
-        "td{border:1px solid #ddd;padding:2px 8px}</style></head><body>"
+        "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px}"
+        "td,th,p,li{overflow-wrap:anywhere}</style></head><body>"
         + "\n".join(body)
         + "</body></html>"
     )

@@ -82,7 +82,7 @@ def load_default_model(
         FileNotFoundError: a file of the model is missing (the message names it).
         ValueError: a file is corrupted or truncated (the message names it).
 
-    Example:
+    Examples:
         >>> model, tokenizer = sla.load_default_model()
         >>> logits = model(tokenizer("def f(x):\\n    return x", return_tensors="pt").input_ids)
     """

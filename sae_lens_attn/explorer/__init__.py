@@ -4,7 +4,7 @@ and its attention SAEs, and a static export of the same views.
 Needs the ``explore`` extra (FastAPI, uvicorn): ``pip install 'sae-lens-attn[explore]'``. The
 core package never imports this one.
 
-Example:
+Examples:
     >>> session = ExplorerSession(model, saes)
     >>> with serving(create_app(session)) as url:
     ...     print(url)

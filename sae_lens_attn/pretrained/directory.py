@@ -142,7 +142,7 @@ def register_release(release: Release, *, replace: bool = False) -> Release:
             file, or was registered with different contents (without ``replace``); or its
             ``conversion_func`` is not a registered loader (the message lists them).
 
-    Example:
+    Examples:
         >>> sla.register_release(sla.Release(name="my-attn-saes", repo_id="me/attn-saes",
         ...     model="gpt2-small", saes=(sla.ReleaseSAE("blocks.3", "blocks.3.attn.hook_z"),)))
     """
@@ -223,7 +223,7 @@ def attention_releases() -> dict[str, Release]:
 def list_releases() -> dict[str, list[str]]:
     """Release name → its SAE ids, for every release of ``attention_releases()``, sorted by name.
 
-    Example:
+    Examples:
         >>> sla.list_releases()["gpt2-small-attn-z"][:3]
         ['blocks.0', 'blocks.1', 'blocks.2']
     """

@@ -118,7 +118,7 @@ class ResampleWarmupLR(LRScheduler):
     start)``: ``start · lr`` first, lr again from the ``warmup_steps``-th on. Call ``step()``
     after each ``optimizer.step()`` as usual, and ``restart()`` right after resampling.
 
-    Example:
+    Examples:
         >>> trainer.lr_scheduler = ResampleWarmupLR(trainer.optimizer, warmup_steps=1000)
         >>> ...  # after resample_dead_features(trainer.sae, ..., trainer.optimizer):
         >>> trainer.lr_scheduler.restart()
@@ -251,7 +251,7 @@ def resample_dead_features(
             is not a positive number, ``generator`` is not a CPU generator, or every input is
             reconstructed exactly or equals ``b_dec`` (nothing to sample from).
 
-    Example:
+    Examples:
         >>> dead = select_dead_features(fired / n_tokens, cutoff=1e-6)
         >>> n = sla.resample_dead_features(trainer.sae, acts, dead, trainer.optimizer)
     """

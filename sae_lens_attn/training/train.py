@@ -42,7 +42,7 @@ def attn_sae_training_config(
     delivers and the Hugging Face architecture from the model; ``kwargs`` are the base SAELens
     config's own fields (``d_sae``, ``k``, ``l1_coefficient``, ...).
 
-    Example:
+    Examples:
         >>> cfg = attn_sae_training_config(model, 1, "topk", d_sae=2048, k=16)
         >>> runner_cfg = LanguageModelSAERunnerConfig(sae=cfg, hook_name=cfg.metadata.hook_name, ...)
     """

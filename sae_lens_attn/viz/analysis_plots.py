@@ -1,25 +1,30 @@
-"""Plots of feature logits, feature families and head polysemanticity (PNG, matplotlib Agg).
+"""Plots of feature logits, feature families, head polysemanticity and features against a proxy
+(PNG, matplotlib Agg).
 
 Each plot is drawn from a typed result (``FeatureLogits``, ``FeatureFamilies``,
-``Polysemanticity``) or, for ``sae-lens-attn analyze``, from the tables its analyzers write
+``Polysemanticity``, ``ProxyHistogram``) or, for ``sae-lens-attn analyze``, from the tables its analyzers write
 (``table_plots``); both go through the same drawing code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from sae_lens_attn.analysis.families import FAMILIES, LABELS, FeatureFamilies
 from sae_lens_attn.analysis.logits import FeatureLogits
 from sae_lens_attn.analysis.polysemantic_heads import Polysemanticity
+from sae_lens_attn.analysis.proxies import ProxyHistogram
 from sae_lens_attn.viz.plots import _save, subplots
 
 LogitPanel = tuple[str, Sequence[str], Sequence[float], Sequence[str], Sequence[float]]
 """One feature's bars: title, top tokens and values, bottom tokens and values."""
 HeadLabels = tuple[str, Sequence[str], Sequence[float]]
 """One head's row: its name (``L1H0``), its top features' labels and their confidences."""
+ProxyRow = tuple[str, str, Sequence[float], Sequence[int], Sequence[int]]
+"""One feature's histograms: title, proxy name, bin edges, counts where the proxy holds and not."""
 
 
 def feature_logits_png(
@@ -91,6 +96,31 @@ def head_families_png(
     return _head_grid(rows, result.confidence, path, title, verdicts)
 
 
+def proxy_histogram_png(
+    histograms: ProxyHistogram | Mapping[int, ProxyHistogram],
+    path: str | Path,
+) -> Path:
+    """Kissane et al.'s Figure 2, one row per feature: the activation histogram stacked by proxy
+    value (specificity, left) and each bin's count × activation (expected value, right) (PNG).
+
+    Args:
+        histograms: from ``sla.analysis.proxy_histogram``, or feature → one.
+        path: where to write.
+    """
+    given = {None: histograms} if isinstance(histograms, ProxyHistogram) else histograms
+    rows: list[ProxyRow] = [
+        (
+            "feature" if feature is None else f"feature {feature}",
+            hist.proxy,
+            hist.edges.tolist(),
+            hist.counts_true.tolist(),
+            hist.counts_false.tolist(),
+        )
+        for feature, hist in given.items()
+    ]
+    return _proxy_rows(rows, path)
+
+
 def table_plots(
     tables: Mapping[str, Sequence[Mapping[str, Any]]], folder: str | Path
 ) -> list[Path]:
@@ -125,7 +155,61 @@ def table_plots(
                 grid, confidence, folder / "head_families.png", "top features per head", verdicts
             )
         )
+    if tables.get("proxy_histogram"):
+        written.append(
+            _proxy_rows(
+                _proxy_table_rows(tables["proxy_histogram"]), folder / "proxy_histogram.png"
+            )
+        )
     return written
+
+
+def _proxy_table_rows(table: Sequence[Mapping[str, Any]]) -> list[ProxyRow]:
+    by_feature: dict[int, list[Mapping[str, Any]]] = {}
+    for row in table:
+        by_feature.setdefault(int(row["feature"]), []).append(row)
+    rows: list[ProxyRow] = []
+    for feature, bins in list(by_feature.items())[:8]:
+        bins = sorted(bins, key=lambda r: int(r["bin"]))
+        edges = [float(r["low"]) for r in bins] + [float(bins[-1]["high"])]
+        rows.append(
+            (
+                f"feature {feature}",
+                str(bins[0]["proxy"]),
+                edges,
+                [int(r["proxy_true"]) for r in bins],
+                [int(r["proxy_false"]) for r in bins],
+            )
+        )
+    return rows
+
+
+def _proxy_rows(rows: Sequence[ProxyRow], path: str | Path) -> Path:
+    if not rows:
+        raise ValueError("no features to plot: give at least one histogram")
+    fig, axes = subplots(len(rows), 2, figsize=(8.0, 0.6 + 2.4 * len(rows)), squeeze=False)
+    for (left, right), (title, proxy, edges, on, off) in zip(axes, rows, strict=True):
+        lows, widths = edges[:-1], [b - a for a, b in pairwise(edges)]
+        centers = [a + w / 2 for a, w in zip(lows, widths, strict=True)]
+        for ax, scale, what in (
+            (left, [1.0] * len(centers), "tokens"),
+            (right, centers, "count × activation"),
+        ):
+            yes = [n * c for n, c in zip(on, scale, strict=True)]
+            no = [n * c for n, c in zip(off, scale, strict=True)]
+            ax.bar(lows, yes, width=widths, align="edge", color="#ea580c", label=f"{proxy}")
+            ax.bar(
+                lows, no, width=widths, align="edge", bottom=yes, color="#9ca3af",
+                label=f"not {proxy}",
+            )  # fmt: skip
+            ax.set_xlabel("activation", fontsize=8)
+            ax.set_ylabel(what, fontsize=8)
+        total = sum(on) + sum(off)
+        share = f"{sum(on) / total:.0%} {proxy}" if total else "never fires"
+        left.set_title(f"{title}: specificity ({share})", fontsize=9)
+        right.set_title(f"{title}: expected value", fontsize=9)
+        left.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _logit_panels(table: Sequence[Mapping[str, Any]]) -> list[LogitPanel]:

@@ -4,7 +4,7 @@ PNGs are drawn on figures with their own Agg canvas, never through pyplot, so ma
 leaves the user's matplotlib backend and pyplot's open figures as they were.
 
 Head attribution per feature (heatmap, bars, table) and per head (features each head dominates),
-DFA over tokens (highlighted text, bars), and L0 / loss recovered per layer.
+DFA over tokens (highlighted text, bars), loss recovered and L0 per layer, and feature density.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ def dfa_tokens_html(
         border = "outline:2px solid #111;" if pos == query_pos else ""
         spans.append(
             f'<span title="pos {pos}: {value:+.4f}" style="background:{color};{border}'
-            f'white-space:pre">{html.escape(token)}</span>'
+            f'white-space:pre-wrap">{html.escape(token)}</span>'
         )
     header = f"<h3>{html.escape(title)}</h3>" if title else ""
-    return f'{header}<div style="font-family:monospace;line-height:1.8">{"".join(spans)}</div>'
+    style = "font-family:monospace;line-height:1.8;overflow-wrap:anywhere"  # wraps to the window
+    return f'{header}<div style="{style}">{"".join(spans)}</div>'
 
 
 def html_page(title: str, sections: Sequence[str]) -> str:
@@ -104,10 +105,21 @@ def subplots(
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG; its text chunks name the figure (``Title``) and the titles of its
+    panels (``Description``), for readers without the image and for tests."""
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    panels = "; ".join(ax.get_title() for ax in fig.axes if ax.get_title())
+    fig.savefig(path, dpi=120, metadata={"Title": fig.get_suptitle(), "Description": panels})
     return path
+
+
+def png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG (``Title``, ``Description``, ``Software``, ...)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(getattr(image, "text", {}))
 
 
 def head_attribution_bars(
@@ -169,31 +181,79 @@ def dfa_tokens_png(
     return _save(fig, path)
 
 
+_RECOVERED = ("loss_recovered_zero", "loss_recovered_mean")
+"""Metrics of ``layer_metrics_png``'s loss-recovered bars."""
+
+
 def layer_metrics_png(
-    rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "per layer"
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    title: str = "per layer",
+    show_l0: bool = True,
 ) -> Path:
-    """Write L0 and loss recovered (zero and mean ablation) per layer (PNG).
+    """Write loss recovered (zero and mean ablation) per layer as grouped bars, and L0 per layer
+    unless ``show_l0`` is False (PNG).
 
     Args:
-        rows: one mapping per SAE with ``layer``, ``l0``, ``loss_recovered_zero`` and
-            ``loss_recovered_mean`` (an ``Evaluation`` plus its layer).
+        rows: one mapping per SAE with ``layer``, ``loss_recovered_zero``,
+            ``loss_recovered_mean`` and, with ``show_l0``, ``l0`` (an ``Evaluation`` plus its
+            layer).
         path: where to write.
+        title: the figure's title.
+        show_l0: draw L0 too; pass False for TopK SAEs, whose L0 is k by construction.
     """
-    layers = [int(row["layer"]) for row in rows]
-    fig = _figure(figsize=(7, 2.8))
-    left, right = fig.subplots(1, 2)
-    left.bar(layers, [float(row["l0"]) for row in rows], color="#2563eb")
-    left.set_xlabel("layer")
-    left.set_ylabel("L0")
-    for key, marker in (("loss_recovered_zero", "o"), ("loss_recovered_mean", "s")):
-        right.plot(
-            layers, [float(row[key]) for row in rows], marker=marker, label=key.rsplit("_", 1)[1]
-        )
-    right.set_xlabel("layer")
-    right.set_ylabel("loss recovered")
-    right.legend(title="ablation", fontsize=7)
-    for ax in (left, right):
-        ax.set_xticks(layers)
+    labels = [f"layer {int(row['layer'])}" for row in rows]
+    n_axes = 2 if show_l0 else 1
+    fig = _figure(figsize=(1.8 + 3.2 * n_axes + 0.3 * len(rows), 3.0))
+    axes = fig.subplots(1, n_axes, squeeze=False)[0]
+    recovered = axes[-1]
+    width = 0.38
+    names = {"loss_recovered_zero": "zero ablation", "loss_recovered_mean": "mean ablation"}
+    for offset, (key, color) in enumerate(zip(_RECOVERED, ("#2563eb", "#16a34a"), strict=True)):
+        values = [float(row[key]) for row in rows]
+        positions = [i + (offset - 0.5) * width for i in range(len(rows))]
+        bars = recovered.bar(positions, values, width, label=names[key], color=color)
+        recovered.bar_label(bars, fmt="%.3f", fontsize=7)
+    recovered.set_xticks(range(len(rows)), labels)
+    recovered.set_ylim(min(0.0, *(float(r[k]) for r in rows for k in _RECOVERED)), 1.3)
+    recovered.axhline(1.0, color="#555", linewidth=0.5, linestyle=":")
+    recovered.set_ylabel("loss recovered (1 = clean model)")
+    recovered.set_title("loss recovered")
+    recovered.legend(fontsize=7, loc="upper center", ncols=2)
+    if show_l0:
+        l0 = axes[0]
+        l0.bar(labels, [float(row["l0"]) for row in rows], color="#9333ea")
+        l0.set_ylabel("active features per token")
+        l0.set_title("L0")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def feature_density_png(
+    densities: Mapping[str, Float[Tensor, " d_sae"]],
+    path: str | Path,
+    *,
+    title: str = "feature density",
+    bins: int = 30,
+) -> Path:
+    """Write, per SAE (one panel each, shared axes), a histogram of log10 feature density (the
+    share of tokens a feature is active on); never-active (dead) features are counted in the
+    panel's title, as log10 of 0 has no place on the axis (PNG)."""
+    logs = {name: torch.as_tensor(d).float() for name, d in densities.items()}
+    alive = [d[d > 0].log10() for d in logs.values()]
+    values = torch.cat(alive) if alive else torch.zeros(0)
+    low = float(values.min()) if values.numel() else -6.0
+    high = float(values.max()) if values.numel() else 0.0
+    edges = torch.linspace(low, max(high, low + 1e-3), bins + 1).tolist()
+    fig = _figure(figsize=(1.2 + 3.2 * len(logs), 2.9))
+    axes = fig.subplots(1, len(logs), squeeze=False, sharex=True, sharey=True)[0]
+    for ax, (name, density), log_density in zip(axes, logs.items(), alive, strict=True):
+        ax.hist(log_density.numpy(), bins=edges, color="#2563eb")
+        dead = int((density == 0).sum())
+        ax.set_title(f"{name}: {dead} of {density.numel()} dead")
+        ax.set_xlabel("log10 share of tokens active")
+    axes[0].set_ylabel("features")
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -23,7 +23,7 @@ from sae_lens_attn.validation import (
     special_token_ids,
     tokenizer_of,
 )
-from sae_lens_attn.viz.dashboard import panels, saedashboard
+from sae_lens_attn.viz.dashboard import feature_analyses, panels, saedashboard
 from sae_lens_attn.viz.dashboard.data import FeatureData, collect, feature_activations
 
 Engine = Literal["auto", "saedashboard", "own"]
@@ -69,6 +69,8 @@ def build_dashboard(
     overwrite: bool = False,
     progress: bool = True,
     title: str | None = None,
+    index_columns: Mapping[str, Mapping[int, str]] | None = None,
+    upstream_saes: Sequence[Any] = (),
 ) -> Dashboard:
     """Write feature dashboards with DFA and head-attribution panels into ``out``.
 
@@ -88,6 +90,11 @@ def build_dashboard(
         overwrite: replace an earlier dashboard in ``out`` (a folder of other files never is).
         progress: show a progress bar.
         title: page title (default: the SAE's hook name).
+        upstream_saes: SAEs of earlier layers, for the recursive-DFA panel (an earlier layer
+            without one counts as an error term there).
+        index_columns: extra columns of the index, also shown on each feature's page: column
+            name → feature → text (e.g. why a feature is shown); a feature missing from a column
+            gets an empty cell.
 
     Returns:
         A ``Dashboard``: its folder, index page and one page per feature.
@@ -132,6 +139,9 @@ def build_dashboard(
             backend, sae, tokens, features, tokenizer=tokenizer, ignore_tokens=excluded,
             batch_size=batch_size,
         )  # fmt: skip
+        proxies = feature_analyses.induction_histograms(
+            acts[..., features], tokens, features, counted=counted
+        )
         bar.update()
         fragments: dict[int, str] = {}
         if used == "saedashboard":
@@ -149,23 +159,40 @@ def build_dashboard(
                 analyses = panels.family_panel(
                     families, feature_data.feature
                 ) + panels.feature_logits_panel(logits, feature_data.feature)
-                text = _feature_page(
-                    feature_data, title, fragments.get(feature_data.feature), analyses
+                analyses += panels.proxy_panel(proxies[feature_data.feature]) + panels.rdfa_panel(
+                    feature_analyses.peak_rdfa(backend, sae, upstream_saes, tokens, feature_data),
+                    tokenizer=tokenizer,
                 )
+                text = _feature_page(
+                    feature_data, title, fragments.get(feature_data.feature), analyses,
+                    notes=_notes(index_columns, feature_data.feature),
+                )  # fmt: skip
                 (tmp / name).write_text(text, encoding="utf-8")
                 pages[feature_data.feature] = out / name
                 bar.update()
             (tmp / "index.html").write_text(
-                _index_page(data, title, used, reason or ""), encoding="utf-8"
+                _index_page(data, title, used, reason or "", index_columns or {}),
+                encoding="utf-8",
             )
     return Dashboard(out, out / "index.html", pages, used, reason or "")
 
 
-def _feature_page(data: FeatureData, title: str, fragment: str | None, analyses: str = "") -> str:
+def _feature_page(
+    data: FeatureData,
+    title: str,
+    fragment: str | None,
+    analyses: str = "",
+    notes: Sequence[tuple[str, str]] = (),
+) -> str:
     ours = panels.dfa_panel(data) + panels.head_attribution_panel(data) + analyses
     header = panels.nav([("index.html", "all features")]) + (
         f"<h1>Feature {data.feature}</h1><p class='sla-note'>{html.escape(title)}</p>"
     )
+    if notes:
+        items = "; ".join(
+            f"{html.escape(name)}: <b>{html.escape(text)}</b>" for name, text in notes
+        )
+        header += f"<p id='feature-notes'>{items}</p>"
     if fragment is None:
         body = ours + panels.contexts_panel(data) + panels.histogram_panel(data)
         return panels.page(f"feature {data.feature}", header + body)
@@ -173,7 +200,17 @@ def _feature_page(data: FeatureData, title: str, fragment: str | None, analyses:
     return panels.page(f"feature {data.feature}", header + fragment + ours)
 
 
-def _index_page(data: list[FeatureData], title: str, engine: str, note: str) -> str:
+def _notes(columns: Mapping[str, Mapping[int, str]] | None, feature: int) -> list[tuple[str, str]]:
+    return [(name, texts[feature]) for name, texts in (columns or {}).items() if feature in texts]
+
+
+def _index_page(
+    data: list[FeatureData],
+    title: str,
+    engine: str,
+    note: str,
+    columns: Mapping[str, Mapping[int, str]],
+) -> str:
     rows = []
     for d in data:
         top_head = max(range(len(d.head_shares)), key=lambda h: d.head_shares[h])
@@ -181,7 +218,11 @@ def _index_page(data: list[FeatureData], title: str, engine: str, note: str) -> 
         rows.append(
             f'<tr><td><a href="feature_{d.feature}.html">{d.feature}</a></td>'
             f"<td>{100 * d.density:.3f}</td><td>{peak:.3f}</td>"
-            f"<td>{top_head} ({d.head_shares[top_head]:.2f})</td></tr>"
+            f"<td>{top_head} ({d.head_shares[top_head]:.2f})</td>"
+            + "".join(
+                f"<td>{html.escape(texts.get(d.feature, ''))}</td>" for texts in columns.values()
+            )
+            + "</tr>"
         )
     made_by = (
         "SAEDashboard 0.7.2 with sae-lens-attn panels"
@@ -191,7 +232,9 @@ def _index_page(data: list[FeatureData], title: str, engine: str, note: str) -> 
     body = (
         f"<h1>{html.escape(title)}</h1><p class='sla-note'>Pages built by {made_by}.</p>"
         "<table class='sla'><tr><th>feature</th><th>active %</th><th>max activation</th>"
-        f"<th>top head (share)</th></tr>{''.join(rows)}</table>"
+        "<th>top head (share)</th>"
+        + "".join(f"<th>{html.escape(name)}</th>" for name in columns)
+        + f"</tr>{''.join(rows)}</table>"
     )
     return panels.page(title, body)
 

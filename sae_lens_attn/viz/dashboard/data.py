@@ -32,7 +32,8 @@ class FeatureContext:
     position: int
     """The peak (query) position."""
     tokens: tuple[str, ...]
-    """Decoded tokens of the row, up to and including the peak."""
+    """Tokens of the row up to and including the peak, decoded and with their whitespace made
+    visible (``readable_token``)."""
     activations: tuple[float, ...]
     """The feature's activation at each of those tokens."""
     pre_act: float
@@ -168,7 +169,7 @@ def _context(
     return FeatureContext(
         prompt=row,
         position=position,
-        tokens=tuple(decode_token(tokenizer, t) for t in ids),
+        tokens=tuple(readable_token(decode_token(tokenizer, t)) for t in ids),
         activations=tuple(acts[row, : position + 1].tolist()),
         pre_act=float(peak.pre_act[i, 0, 0]),
         dfa_by_src=tuple(peak.by_src[i, 0, : position + 1, 0].tolist()),
@@ -190,3 +191,18 @@ def _histogram(values: Tensor, bins: int) -> tuple[tuple[float, ...], tuple[int,
 def decode_token(tokenizer: Any, token: int) -> str:
     """One token as text (its id in angle brackets without a tokenizer)."""
     return f"<{token}>" if tokenizer is None else str(tokenizer.decode([token]))
+
+
+VISIBLE_WHITESPACE = {" ": "·", "\n": "⏎\n", "\t": "→", "\r": "␍"}
+"""How whitespace shows in a token: byte-level BPE tokens (GPT-2's ``Ġthe``, ``Ċ``) decode to
+``" the"`` and ``"\\n"``, which a page would show as nothing or as a bare line break; a newline
+keeps its line break after the mark, so code keeps its lines."""
+
+
+def readable_token(text: str) -> str:
+    """A decoded token as it is shown: whitespace as visible marks (``VISIBLE_WHITESPACE``),
+    other unprintable characters escaped (``\\x0c``)."""
+    return "".join(
+        VISIBLE_WHITESPACE.get(char, char if char.isprintable() else repr(char)[1:-1])
+        for char in text
+    )

@@ -704,12 +704,6 @@ class BridgeLimit(NamedTuple):
     """``False``: ``boot_transformers`` itself raises, so the bridge does not support the case."""
 
 
-_MLA_D_HEAD = (
-    "This package's bridge backend takes d_head from bridge.cfg.d_head, which TransformerLens "
-    "sets to 4 here (d_model / n_heads is 8, qk_rope_head_dim 4), while z has v_head_dim = 6 per "
-    "head: hook_z's 24 features do not split into 4 heads of 4 (the bridge's own logits match "
-    "the model's)"
-)
 BRIDGE_LIMITS: dict[str, BridgeLimit] = {
     "cohere": BridgeLimit(
         tuple(BRIDGE_CHECKS),
@@ -733,8 +727,6 @@ BRIDGE_LIMITS: dict[str, BridgeLimit] = {
         "layer norm): 'Original component not set for model.decoder.final_layer_norm'; captures "
         "stop before it",
     ),
-    "deepseek_v2": BridgeLimit(tuple(BRIDGE_CHECKS), RuntimeError, _MLA_D_HEAD),
-    "deepseek_v3": BridgeLimit(tuple(BRIDGE_CHECKS), RuntimeError, _MLA_D_HEAD),
 }
 """Cases the bridge checks are known to fail on, by case key."""
 

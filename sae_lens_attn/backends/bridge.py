@@ -95,7 +95,7 @@ class BridgeBackend(AttnBackend):
             layer=0,
             n_heads=cfg.n_heads,
             n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
-            d_head=cfg.d_head,
+            d_head=_z_head_width(blocks[0].attn, cfg.n_heads) or cfg.d_head,
         )
         self.site(0)  # a bridge without blocks has no site
         self._probing = False
@@ -311,6 +311,19 @@ class _AfterLastBlock(Exception):
 
 def _stop_here(_module: nn.Module, _inputs: Any, _output: Any) -> None:
     raise _AfterLastBlock
+
+
+def _z_head_width(attn: Any, n_heads: int) -> int | None:
+    """Width of a head's z: the input width of the wrapped output projection over ``n_heads``
+    (None where the bridge exposes none). ``cfg.d_head`` is the query/key width, which multi-head
+    latent attention (DeepSeek-V2/V3: z holds ``v_head_dim`` per head) does not share."""
+    projection = getattr(getattr(attn, "o", None), "original_component", None)
+    weight = getattr(projection, "weight", None)
+    if weight is None:
+        return None
+    # Linear has in_features; GPT-2's Conv1D stores its weight as [in, out]
+    width = getattr(projection, "in_features", None) or weight.shape[0]
+    return width // n_heads if width % n_heads == 0 else None
 
 
 def _split_heads(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from sae_lens_attn.analysis.attribution import encode_z, sae_convention
@@ -167,15 +168,20 @@ INDUCTION_FEATURES = _InductionFeatures()
 
 
 @torch.no_grad()
-def top_features(inputs: AnalysisInput, n: int) -> list[int]:
-    """The ``n`` features with the largest activation anywhere in ``inputs.tokens``."""
+def sae_activations(inputs: AnalysisInput) -> Float[Tensor, " batch pos d_sae"]:
+    """The SAE's activations at every position of ``inputs.tokens`` (padding included)."""
     backend = backend_for(inputs.model)
     site = AttnSite.from_sae(inputs.sae, backend)
     convention = sae_convention(inputs.sae, backend.native_convention)
     z = backend.capture(
         inputs.tokens, [site], convention=convention, attention_mask=inputs.attention_mask
     )[site.layer].z
-    acts = encode_z(inputs.sae, z)
+    return encode_z(inputs.sae, z)
+
+
+def top_features(inputs: AnalysisInput, n: int) -> list[int]:
+    """The ``n`` features with the largest activation anywhere in ``inputs.tokens``."""
+    acts = sae_activations(inputs)
     if inputs.attention_mask is not None:
         acts = acts * inputs.attention_mask[..., None]
     return acts.flatten(0, 1).amax(0).topk(min(n, acts.shape[-1])).indices.tolist()

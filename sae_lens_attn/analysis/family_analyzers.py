@@ -14,15 +14,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from sae_lens_attn.analysis.attribution import encode_z, sae_convention
-from sae_lens_attn.analysis.builtin import top_features
+from sae_lens_attn.analysis.builtin import sae_activations, top_features
 from sae_lens_attn.analysis.families import FAMILIES, FamilyThresholds, feature_families
 from sae_lens_attn.analysis.logits import feature_logits
 from sae_lens_attn.analysis.polysemantic_heads import polysemanticity
 from sae_lens_attn.analysis.proxies import proxy_histogram, proxy_mask
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
 from sae_lens_attn.validation import check_features
 
 
@@ -157,13 +154,7 @@ class _ProxyHistogram:
         proxy = proxy_mask(name, inputs.tokens)  # an unknown name fails before any model pass
         features = _features(inputs)
         counted = None if inputs.attention_mask is None else inputs.attention_mask.bool()
-        backend = backend_for(inputs.model)
-        site = AttnSite.from_sae(inputs.sae, backend)
-        convention = sae_convention(inputs.sae, backend.native_convention)
-        z = backend.capture(
-            inputs.tokens, [site], convention=convention, attention_mask=inputs.attention_mask
-        )[site.layer].z
-        acts = encode_z(inputs.sae, z)[..., features]  # (B, pos, F)
+        acts = sae_activations(inputs)[..., features]  # (B, pos, F)
         bins, summary = [], []
         for column, feature in enumerate(features):
             hist = proxy_histogram(

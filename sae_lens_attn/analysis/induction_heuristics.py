@@ -22,7 +22,6 @@ from sae_lens_attn.analysis.attribution import (
     NO_QUERY,
     _check_sae,
     attribute,
-    check_device,
     dfa_capture,
     encode_z,
 )
@@ -160,7 +159,6 @@ def induction_features(
         rows = tokens[start : start + batch_size]
         cap = dfa_capture(backend, sae, site, rows)
         assert cap.pattern is not None and cap.values is not None
-        check_device(sae, cap.z)
         acts = encode_z(sae, cap.z)[..., feature_idx.to(cap.z.device)]  # (B, Q, F)
         for chunk in torch.arange(feature_idx.numel()).split(feature_chunk):
             chunk_features = feature_idx[chunk]

@@ -172,7 +172,10 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
     eval_texts = _sample_texts(split.held_out, tokenizer, 2 * options.eval_contexts * context, rng)
     held_out = TokenBatches.from_texts(tokenizer, eval_texts, context_size=context, batch_size=8)
     eval_tokens = held_out.tokens[: options.eval_contexts]
-    shipped = SAE.from_pretrained(RELEASE_NAME, f"blocks.{options.layer}")
+    layer_saes = [
+        SAE.from_pretrained(RELEASE_NAME, f"blocks.{layer}") for layer in range(model.cfg.n_layers)
+    ]
+    shipped = layer_saes[options.layer]
     steps.update()
 
     step("training a fresh SAE")
@@ -199,14 +202,11 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
     steps.update()
 
     step("evaluating fresh and shipped SAEs")
-    evaluations = {
-        name: dict(evaluate(model, sae, eval_tokens, progress=False).items())
-        for name, sae in (("fresh", fresh), ("shipped", shipped))
-    }
-    layer_saes = [
-        SAE.from_pretrained(RELEASE_NAME, f"blocks.{layer}") for layer in range(model.cfg.n_layers)
-    ]
     layer_evaluations = [evaluate(model, sae, eval_tokens, progress=False) for sae in layer_saes]
+    evaluations = {
+        "fresh": dict(evaluate(model, fresh, eval_tokens, progress=False).items()),
+        "shipped": dict(layer_evaluations[options.layer].items()),
+    }
     per_layer = [
         {"layer": layer, **evaluation} for layer, evaluation in enumerate(layer_evaluations)
     ]
@@ -257,9 +257,7 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         progress=False,
         title=f"{RELEASE_NAME} blocks.{options.layer}",
         index_columns={SHOWN_BECAUSE: reasons, VERDICT: _verdicts(shown, report)},
-        upstream_saes=[  # the recursive-DFA panel recurses into every earlier layer's SAE
-            SAE.from_pretrained(RELEASE_NAME, f"blocks.{layer}") for layer in range(options.layer)
-        ],
+        upstream_saes=layer_saes[: options.layer],  # for the recursive-DFA panel
     )
     head_attribution_heatmap(
         head_attribution(shipped)[shown],

@@ -9,8 +9,9 @@ a kill between the two renames, the old one waits under a hidden name and the ne
 - every folder it writes carries ``OUTPUT_MARKER``, a small JSON file listing the folder's kind
   and every file and folder in it;
 - a non-empty ``target`` without that marker, or holding entries the marker does not list, is
-  refused, with or without ``overwrite``; so are the current folder, any folder holding it, the
-  home folder and symbolic links;
+  refused, with or without ``overwrite``; so is a marker listing an entry that does not lie inside
+  its folder (absolute, ``..``, or reached through a symbolic link), and so are the current
+  folder, any folder holding it, the home folder and symbolic links;
 - an old folder is deleted entry by entry from its list (its marker last), never with
   ``rmtree``; a staging folder, all of it written by the caller, is deleted marker last;
 - staging and set-aside folders of killed runs (same host, process gone, marker present) are
@@ -108,6 +109,13 @@ def check_output(target: str | Path, *, kind: str, overwrite: bool = False) -> P
             f"refusing to write into {target}: it holds files that {WRITER} did not write "
             f"({_examples(entries)}; no {OUTPUT_MARKER} lists them); give a new or empty folder"
         )
+    outside = _entries_outside(target, marker)
+    if outside:
+        raise FileExistsError(
+            f"refusing to replace {target}: its {OUTPUT_MARKER} lists {_examples(outside)}, which "
+            f"{'do' if len(outside) > 1 else 'does'} not lie inside the folder ({WRITER} only "
+            "lists what it wrote there); the marker was altered: give another folder"
+        )
     unlisted = _unlisted(target, marker)
     if unlisted:
         raise FileExistsError(
@@ -141,6 +149,7 @@ def read_marker(folder: str | Path) -> dict[str, Any] | None:
         and marker.get("state") == "complete"
         and isinstance(marker.get("kind"), str)
         and all(isinstance(marker.get(key), list) for key in ("files", "folders"))
+        and all(isinstance(name, str) for key in ("files", "folders") for name in marker[key])
     )
     return marker if valid else None
 
@@ -237,6 +246,13 @@ def _remove_listed(folder: Path) -> None:
     if marker is None:
         warnings.warn(f"left {folder} in place: its {OUTPUT_MARKER} is missing", stacklevel=3)
         return
+    outside = _entries_outside(folder, marker)
+    if outside:
+        warnings.warn(
+            f"left {folder} in place: its {OUTPUT_MARKER} lists {_examples(outside)}, outside it",
+            stacklevel=3,
+        )
+        return
     for name in marker["files"]:
         path = folder / name
         if path.is_symlink() or path.is_file():
@@ -272,6 +288,25 @@ def _list(folder: Path) -> dict[str, list[str]]:
     if OUTPUT_MARKER in files:
         files.remove(OUTPUT_MARKER)
     return {"files": sorted(files), "folders": sorted(folders)}
+
+
+def _entries_outside(folder: Path, marker: dict[str, Any]) -> list[str]:
+    """The marker's entries that do not name a path inside ``folder``: empty, absolute, holding
+    ``..``, or leading out through a symbolic link (a listed file may itself be a link: it is
+    unlinked, never followed, so only the folders above it must resolve inside)."""
+    root = folder.resolve()
+    outside = []
+    for key in ("files", "folders"):
+        for name in marker[key]:
+            parts = Path(name).parts
+            if not parts or ".." in parts or Path(name).is_absolute() or name.startswith("/"):
+                outside.append(name)
+                continue
+            path = folder.joinpath(*parts)
+            reached = (path if key == "folders" else path.parent).resolve()
+            if reached != root and root not in reached.parents:
+                outside.append(name)
+    return outside
 
 
 def _unlisted(folder: Path, marker: dict[str, Any]) -> list[str]:

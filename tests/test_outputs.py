@@ -334,3 +334,71 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def _tamper(target: Path, *, files: list[str] = (), folders: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Add entries to the marker of ``target``, as a hostile or careless edit would."""
+    marker = json.loads((target / OUTPUT_MARKER).read_text())
+    marker["files"] += list(files)
+    marker["folders"] += list(folders)
+    (target / OUTPUT_MARKER).write_text(json.dumps(marker))
+
+
+def _escaping_entries(tmp_path: Path) -> dict[str, dict[str, list[str]]]:
+    """Marker entries that name files outside the output folder ``tmp_path / "out"``."""
+    victim = tmp_path / "victim.txt"
+    return {
+        "relative": {"files": ["../victim.txt"]},
+        "dot-dot laden": {"files": ["sub/../../victim.txt"], "folders": ["sub/deep/../../.."]},
+        "absolute": {"files": [str(victim)]},
+        "through a symlink": {"files": ["link/victim.txt"]},
+        "symlinked folder": {"folders": ["link"]},
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["relative", "dot-dot laden", "absolute", "through a symlink", "symlinked folder"]
+)
+def test_a_marker_listing_entries_outside_its_folder_is_refused(tmp_path, case) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    target = tmp_path / "out"
+    write_output(target, OLD)
+    (target / "link").symlink_to(tmp_path, target_is_directory=True)
+    _tamper(target, files=["link"])  # the link itself is listed, as a written symlink would be
+    _tamper(target, **_escaping_entries(tmp_path)[case])
+    with pytest.raises(FileExistsError, match="lists .* not lie inside the folder"):
+        write_output(target, NEW, overwrite=True)
+    assert victim.read_text() == "the user's"
+    assert contents(target) == OLD
+    assert hidden_siblings(target) == []
+
+
+def test_a_set_aside_folder_with_an_escaping_marker_is_left_in_place(tmp_path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    target = tmp_path / "out"
+    write_output(tmp_path / "other", OLD)
+    _tamper(tmp_path / "other", files=["../victim.txt", str(victim)])
+    aside = tmp_path / f".out.sla-old-{outputs._HOST}-{dead_pid()}-ab"
+    write_output(target, OLD)
+    (tmp_path / "other").rename(aside)  # a killed run's set-aside folder, now that "out" exists
+    with pytest.warns(UserWarning, match="lists .*victim.txt.*outside it"):
+        check_output(target, kind="test", overwrite=True)
+    assert victim.read_text() == "the user's"
+    assert contents(aside) == OLD
+
+
+def test_the_cli_refuses_an_escaping_marker_in_one_line(tmp_path, capsys) -> None:
+    from sae_lens_attn.cli.main import main
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    out = tmp_path / "out"
+    write_output(out, {"summary.md": "old"}, kind="analysis")
+    _tamper(out, files=["../victim.txt"])
+    assert main(["analyze", "--sae", "not-loaded", "--out", str(out), "--overwrite"]) == 1
+    error = capsys.readouterr().err
+    assert "'../victim.txt', which does not lie inside the folder" in error
+    assert "Traceback" not in error and error.count("\n") == 1
+    assert victim.read_text() == "the user's"

@@ -50,7 +50,8 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
-from sae_lens_attn.analysis.attribution import DFAResult, attribute, feature_acts
+from sae_lens_attn.analysis.attribution import DFAResult, attribute
+from sae_lens_attn.sae_adapter import feature_acts
 
 CONTENDERS = ("ours", "floor", "SAEDashboard")
 

@@ -44,9 +44,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_lens_attn.analysis.attribution import encode_z, sae_convention
 from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.backends.base import check_convention
+from sae_lens_attn.corpus import Corpus
+from sae_lens_attn.sae_adapter import encode_z, sae_convention
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
 from sae_lens_attn.store import TokenBatches
 from sae_lens_attn.validation import check_count, check_tokens, special_token_ids, tokenizer_of
@@ -372,9 +373,9 @@ def _on_device(
 def _sae_statistics(spliced: _Spliced, batch: _Batch, sums: _Sums) -> None:
     backend, sae, site, convention = spliced
     tokens, mask, counted = batch
-    z = backend.capture(tokens, [site], convention=convention, attention_mask=_or_none(mask))
-    z = z[site.layer].z  # (B, T, H, D)
-    acts = encode_z(sae, z)  # (B, T, F)
+    corpus = Corpus(backend, tokens, _or_none(mask), batch_size=tokens.shape[0])
+    z = corpus.capture(site, convention).z  # (B, T, H, D)
+    acts = encode_z(sae, z)  # (B, T, F), in the convention asked for (maybe not the SAE's own)
     z_hat = sae.decode(acts).reshape(z.shape)
     acts, x = acts[counted], z.flatten(-2)[counted].double()
     x_hat = z_hat.flatten(-2)[counted].double()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, SupportsIndex, get_args
 
@@ -71,6 +72,10 @@ def convention_of_model_kwargs(kwargs: dict[str, Any] | None) -> ValueBiasConven
 
 _HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
 
+POS_EMBED_HOOK_NAME = "hook_pos_embed"
+"""TransformerLens hook of the learned position embeddings ``[batch, pos, d_model]`` (the model's,
+not a layer's: on models that add them to the residual stream)."""
+
 
 @dataclass(frozen=True)
 class AttnSite:
@@ -129,6 +134,21 @@ class AttnSite:
         return f"blocks.{self.layer}.attn.hook_v"
 
     @property
+    def resid_pre_hook_name(self) -> str:
+        """TransformerLens hook of the residual stream entering the layer ``[batch, pos, d_model]``."""
+        return f"blocks.{self.layer}.hook_resid_pre"
+
+    @property
+    def attn_norm_scale_hook_name(self) -> str:
+        """TransformerLens hook of the attention norm's scale σ ``[batch, pos, 1]`` (``ln1``)."""
+        return f"blocks.{self.layer}.ln1.hook_scale"
+
+    @property
+    def attn_out_hook_name(self) -> str:
+        """TransformerLens hook of what the attention adds to the residual ``[batch, pos, d_model]``."""
+        return f"blocks.{self.layer}.hook_attn_out"
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
@@ -183,37 +203,12 @@ class AttnSite:
         Raises:
             ValueError: the SAE is not on hook_z, does not fit the site, or disagrees with ``model``.
         """
-        from sae_lens_attn.config.metadata import read_attention_metadata
+        from sae_lens_attn.config.metadata import read_attention_metadata  # it imports this module
 
         meta = sae.cfg.metadata
         recorded = read_attention_metadata(meta, source=f"SAE on {meta.hook_name}")
-        layer = recorded.layer
-        from_meta = {k: getattr(recorded, k) for k in ("n_heads", "n_kv_heads", "d_head")}
-        from_model = None if model is None else cls.from_model(model, layer)
-        if from_model is not None:
-            clashes = {
-                k: (v, getattr(from_model, k))
-                for k, v in from_meta.items()
-                if v is not None and v != getattr(from_model, k)
-            }
-            if clashes:
-                raise ValueError(
-                    f"SAE on {meta.hook_name} was trained for another model's site: "
-                    + ", ".join(
-                        f"{k}={a} in the SAE but {b} in the model" for k, (a, b) in clashes.items()
-                    )
-                )
-            site = from_model
-        else:
-            n_heads = from_meta["n_heads"]
-            if n_heads is None:
-                raise ValueError(
-                    f"SAE on {meta.hook_name} does not record n_heads in its metadata "
-                    "(it was not saved by sae_lens_attn); pass model= to read the head structure"
-                )
-            d_head = from_meta["d_head"] or sae.cfg.d_in // n_heads
-            site = cls(layer, n_heads, from_meta["n_kv_heads"] or n_heads, d_head)
-        return site.check_sae_width(sae.cfg.d_in)
+        model_site = None if model is None else cls.from_model(model, recorded.layer)
+        return recorded.sae_site(sae.cfg.d_in, model_site)
 
     def check_sae_width(self, d_in: int) -> AttnSite:
         """Return self if an SAE of input width ``d_in`` fits this site, else raise."""
@@ -256,3 +251,42 @@ def as_integer(value: Any) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def saes_by_layer(
+    saes: SAE[Any] | Iterable[SAE[Any]] | Mapping[int, SAE[Any]], model: Any = None
+) -> dict[int, SAE[Any]]:
+    """Hook_z SAEs keyed by the layer each reads (``AttnSite.from_sae(sae, model)``), by layer.
+
+    Args:
+        saes: one SAE, several, or a mapping layer → SAE (each key must be its SAE's layer).
+        model: the model they read (any model a backend supports, or its backend), which
+            checks that each SAE fits it; without it, the SAEs' metadata alone.
+
+    Raises:
+        TypeError: something other than a SAELens SAE among ``saes``.
+        ValueError: no SAEs, two SAEs on one layer, a key that is not its SAE's layer, or an SAE
+            that ``AttnSite.from_sae`` refuses.
+    """
+    from sae_lens import SAE  # a dependency of the package; imported where it is needed
+
+    if isinstance(saes, SAE):
+        saes = [saes]
+    given = list(saes.items()) if isinstance(saes, Mapping) else [(None, s) for s in saes]
+    if not given:
+        raise ValueError("no SAEs were given: give at least one SAE")
+    layers: list[int] = []
+    for key, sae in given:
+        if not isinstance(sae, SAE):
+            raise TypeError(f"saes must hold SAELens SAEs, got {type(sae).__name__}")
+        layer = AttnSite.from_sae(sae, model).layer
+        if key is not None and key != layer:
+            raise ValueError(f"the SAE given for layer {key} reads layer {layer}")
+        layers.append(layer)
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(
+            f"two SAEs read layer {repeated[0]} (give at most one SAE per layer; the SAEs' layers "
+            f"are {layers})"
+        )
+    return dict(sorted(zip(layers, (sae for _, sae in given), strict=True)))

@@ -41,9 +41,13 @@ def special_token_ids(tokenizer: Any) -> list[int]:
 
 def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     """Each token id as text (``tokenizer.decode([id])``), or ``<id>`` without a tokenizer."""
-    if tokenizer is None:
-        return [f"<{int(i)}>" for i in ids]
-    return [str(tokenizer.decode([int(i)])) for i in ids]
+    return [token_text(tokenizer, i) for i in ids]
+
+
+def token_text(tokenizer: Any, token: int) -> str:
+    """One token id as text (``tokenizer.decode([id])``), or ``<id>`` without a tokenizer: the
+    one way this package shows a token."""
+    return f"<{int(token)}>" if tokenizer is None else str(tokenizer.decode([int(token)]))
 
 
 def _model_configs(model: Any) -> tuple[Any, Any]:

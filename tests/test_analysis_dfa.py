@@ -20,7 +20,7 @@ from sae_lens import (
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, backend_for
-from sae_lens_attn.analysis.attribution import encode_z
+from sae_lens_attn.sae_adapter import encode_z
 
 from .hf_twins import PAD_ID, VOCAB_SIZE, build_hf
 from .test_dfa_sae_flags import sae_lens_encode
@@ -193,25 +193,25 @@ def test_dfa_at_peaks_equals_the_full_dfa_at_each_features_peak(
     tokens = batch()
     full = sla.analysis.dfa(any_backend_model, sae, tokens)
     peaks = sla.analysis.dfa_at_peaks(any_backend_model, sae, tokens, feature_chunk=17)
-    assert peaks.by_src.shape == (3, 1, 12, 96) and peaks.by_head.shape == (3, 1, site.n_heads, 96)
+    assert peaks.by_src.shape == (3, 12, 96) and peaks.by_head.shape == (3, site.n_heads, 96)
     z = backend_for(any_backend_model).capture(tokens, [site], convention="folded")[1].z
     acts = encode_z(sae, z)  # the SAE's own activations
     fired = acts.max(1).values > 0  # (B, F)
-    assert torch.equal(peaks.fired[:, 0], fired) and not fired.all()  # some never fire in a prompt
+    assert torch.equal(peaks.fired, fired) and not fired.all()  # some never fire in a prompt
     # the max-activating position where the feature fires; none (-1) where it never does
     expected = torch.where(fired, acts.argmax(1), -1)
-    assert torch.equal(peaks.positions[:, 0], expected)
+    assert torch.equal(peaks.positions, expected)
     rows, feats = torch.arange(3)[:, None], torch.arange(96)[None, :]
     at = expected.clamp(min=0)
     for name in ("by_src", "by_head"):
-        ours = getattr(peaks, name)[:, 0].permute(0, 2, 1)  # (B, F, S or H)
+        ours = getattr(peaks, name).permute(0, 2, 1)  # (B, F, S or H)
         reference = getattr(full, name)[rows, at, :, feats]  # (B, F, S or H)
         torch.testing.assert_close(ours[fired], reference[fired], atol=1e-5, rtol=1e-4)
         assert ours[~fired].isnan().all()
-    torch.testing.assert_close(peaks.pre_act[:, 0][fired], full.pre_act[rows, at, feats][fired])
+    torch.testing.assert_close(peaks.pre_act[fired], full.pre_act[rows, at, feats][fired])
     torch.testing.assert_close(
-        (peaks.by_src.sum(2) + peaks.bias)[:, 0][fired],
-        peaks.pre_act[:, 0][fired],
+        (peaks.by_src.sum(1) + peaks.bias)[fired],
+        peaks.pre_act[fired],
         atol=1e-4,
         rtol=1e-4,
     )
@@ -223,10 +223,13 @@ def test_dfa_at_peaks_refuses_bad_peaks(model) -> None:
         sla.analysis.dfa_at_peaks(
             model, sae, batch(), features=[0, 1], peaks=torch.zeros(3, 5, dtype=torch.long)
         )
-    with pytest.raises(ValueError, match=r"peaks \[12\] are out of range: peaks must lie in 0..11"):
-        sla.analysis.dfa_at_peaks(
-            model, sae, batch(), features=[0, 1], peaks=torch.full((3, 2), 12)
-        )
+    for bad in (12, -2):
+        with pytest.raises(
+            ValueError, match=rf"peaks \[{bad}\] are out of range: peaks must lie in 0..11"
+        ):
+            sla.analysis.dfa_at_peaks(
+                model, sae, batch(), features=[0, 1], peaks=torch.full((3, 2), bad)
+            )
     with pytest.raises(
         TypeError, match="peaks must hold integer positions, got dtype torch.float32"
     ):
@@ -244,23 +247,23 @@ def test_dfa_at_peaks_reports_features_that_never_fire(model) -> None:
     full = sla.analysis.dfa(model, sae, tokens, features=[2, 1])
     assert not full.fired[..., 0].any() and full.fired[..., 1].all()
     peaks = sla.analysis.dfa_at_peaks(model, sae, tokens, features=[2, 1])
-    never = (slice(None), 0, 0)
+    never = (slice(None), 0)
     assert not peaks.fired[never].any() and not peaks.mask[never].any()
     assert (peaks.positions[never] == -1).all()
     for values in (peaks.pre_act, peaks.acts, peaks.by_src, peaks.by_head, peaks.input_scale):
-        assert values[:, 0, ..., 0].isnan().all()  # nothing attributed anywhere
-    assert peaks.fired[:, 0, 1].all() and not peaks.by_src[:, 0, :, 1].isnan().any()
+        assert values[..., 0].isnan().all()  # nothing attributed anywhere
+    assert peaks.fired[:, 1].all() and not peaks.by_src[:, :, 1].isnan().any()
     rows = torch.arange(3)
-    at = peaks.positions[:, 0, 1]
+    at = peaks.positions[:, 1]
     assert torch.equal(at, full.acts[..., 1].argmax(1))
-    torch.testing.assert_close(peaks.pre_act[:, 0, 1], full.pre_act[rows, at, 1])
+    torch.testing.assert_close(peaks.pre_act[:, 1], full.pre_act[rows, at, 1])
     # explicit peaks: the DFA there, with `fired` saying whether the feature fires at it
     given = sla.analysis.dfa_at_peaks(
         model, sae, tokens, features=[2, 1], peaks=torch.zeros(3, 2, dtype=torch.long)
     )
-    assert given.fired[:, 0].tolist() == [[False, True]] * 3 and given.mask.all()
-    torch.testing.assert_close(given.acts[:, 0], full.acts[:, 0])
-    torch.testing.assert_close(given.by_src[:, 0], full.by_src[:, 0], atol=1e-5, rtol=1e-4)
+    assert given.fired.tolist() == [[False, True]] * 3 and given.mask.all()
+    torch.testing.assert_close(given.acts, full.acts[:, 0])
+    torch.testing.assert_close(given.by_src, full.by_src[:, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_dfa_at_peaks_never_attributes_padding(model) -> None:
@@ -269,16 +272,16 @@ def test_dfa_at_peaks_never_attributes_padding(model) -> None:
     mask = torch.ones_like(tokens)
     mask[0, :5] = 0  # left padding in the first prompt
     peaks = sla.analysis.dfa_at_peaks(model, sae, tokens, attention_mask=mask)
-    first = peaks.positions[0, 0]
+    first = peaks.positions[0]
     assert ((first >= 5) | (first == -1)).all() and (first >= 5).any()
     assert torch.equal(peaks.mask, peaks.positions >= 0)
-    assert (peaks.by_src[0, 0, :5][:, first >= 0] == 0).all()
+    assert (peaks.by_src[0, :5][:, first >= 0] == 0).all()
     # a peak given at a padded position is not attributed: zero, with mask False
     at_padding = sla.analysis.dfa_at_peaks(
         model, sae, tokens, features=[0], peaks=torch.full((3, 1), 2), attention_mask=mask
     )
-    assert at_padding.mask[:, 0, 0].tolist() == [False, True, True]
-    assert (at_padding.by_src[0] == 0).all() and at_padding.pre_act[0, 0, 0] == 0
+    assert at_padding.mask[:, 0].tolist() == [False, True, True]
+    assert (at_padding.by_src[0] == 0).all() and at_padding.pre_act[0, 0] == 0
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])

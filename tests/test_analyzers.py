@@ -130,8 +130,9 @@ def test_induction_behaviour_matches_dfa_context_by_context(
             continue
         passed = 0
         for b, q in fired:
-            s = int(full.by_src[b, q, :, row.feature].argmax())
-            passed += s >= 1 and s - 1 < q and bool(tokens[b, s - 1] == tokens[b, q])
+            s = int(full.by_src[b, q, : q + 1, row.feature].argmax())
+            drives = float(full.by_src[b, q, s, row.feature]) > 0
+            passed += drives and 1 <= s < q and bool(tokens[b, s - 1] == tokens[b, q])
         assert math.isclose(row.pass_rate, passed / len(fired))
         expected = (
             "control"

@@ -86,7 +86,7 @@ def test_register_refuses_a_builtin_name_before_anything_was_looked_up(fresh_reg
     with pytest.raises(ValueError, match=r"analyzer 'dfa' is already registered .*replace=True"):
         sla.analysis.register("dfa", _Analyzer())
     builtin = sla.analysis.get("dfa")
-    assert type(builtin).__module__ == "sae_lens_attn.analysis.builtin"
+    assert type(builtin).__module__ == "sae_lens_attn.analysis.analyzers.basic"
     mine = _Analyzer()
     sla.analysis.register("dfa", mine, replace=True)
     assert sla.analysis.get("dfa") is mine
@@ -176,7 +176,7 @@ def test_fresh_process_register_refuses_builtin_and_survives_a_broken_plugin(
     assert done.returncode == 0, done.stderr
     assert "REFUSED analyzer 'dfa' is already registered" in done.stdout
     assert f"NAMES {BUILTINS}" in done.stdout
-    assert "DFA sae_lens_attn.analysis.builtin" in done.stdout
+    assert "DFA sae_lens_attn.analysis.analyzers.basic" in done.stdout
     assert "missing_module" in done.stderr and "of distribution 'broken-plugin'" in done.stderr
 
 

@@ -258,7 +258,8 @@ def test_the_index_and_each_page_say_why_a_feature_is_shown(tl_model, tmp_path) 
 def test_byte_level_tokens_are_shown_with_visible_whitespace() -> None:
     """Every token of the default model's byte-level vocabulary that holds a space (``Ġ``),
     newline (``Ċ``) or tab (``ĉ``) is shown with the mark of each, in place."""
-    from sae_lens_attn.viz.dashboard.data import decode_token, readable_token
+    from sae_lens_attn.validation import token_text
+    from sae_lens_attn.viz.dashboard.data import readable_token
 
     _, tokenizer = sla.load_default_model()
     marks = {"Ġ": "·", "Ċ": "⏎\n", "ĉ": "→"}  # GPT-2's byte-to-unicode alphabet
@@ -268,7 +269,7 @@ def test_byte_level_tokens_are_shown_with_visible_whitespace() -> None:
         if not set(piece) & set(marks) or set(piece) - set(marks) - set(map(chr, range(33, 127))):
             continue  # no whitespace, or other non-ASCII bytes (multi-byte characters)
         expected = "".join(marks.get(char, char) for char in piece)
-        assert readable_token(decode_token(tokenizer, token_id)) == expected, piece
+        assert readable_token(token_text(tokenizer, token_id)) == expected, piece
         checked += 1
     assert checked > 20
     assert readable_token(" the") == "·the" and readable_token("\x0c") == "\\x0c"

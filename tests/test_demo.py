@@ -5,6 +5,7 @@ dashboard index that says why each feature is shown."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import re
 from typing import Any
 
@@ -13,8 +14,8 @@ from sae_lens import SAE
 
 from sae_lens_attn.cli.main import build_parser, main
 from sae_lens_attn.default_model import RELEASE_NAME
-from sae_lens_attn.default_model.demo import DemoOptions, DemoResult, _shown, run_demo
 from sae_lens_attn.default_model.metrics import read_metrics
+from sae_lens_attn.demo import DemoOptions, DemoResult, _shown, run_demo
 from sae_lens_attn.outputs import read_marker
 from sae_lens_attn.viz.plots import png_text
 
@@ -155,3 +156,12 @@ def test_demo_help_documents_every_option(capsys) -> None:
     for action in demo._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and action.option_strings[-1] in text
+
+
+def test_the_pipeline_lives_beside_the_cli_not_in_the_default_model() -> None:
+    """``default_model/`` holds the weights, their loader, corpus, release and metrics; the demo
+    pipeline is ``sae_lens_attn.demo``, which ``sae-lens-attn demo`` runs."""
+    import sae_lens_attn.cli.demo as cli_demo
+
+    assert importlib.util.find_spec("sae_lens_attn.default_model.demo") is None
+    assert cli_demo.run_demo is run_demo and run_demo.__module__ == "sae_lens_attn.demo"

@@ -31,7 +31,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
-from sae_lens_attn.analysis.attribution import NORMALISATIONS, check_device
+from sae_lens_attn.analysis.attribution import NORMALISATIONS
+from sae_lens_attn.sae_adapter import check_device
 
 from .conftest import build_model
 from .hf_twins import VOCAB_SIZE, build_hf
@@ -221,13 +222,13 @@ def test_pre_act_is_saelens_hook_sae_acts_pre(
         close(result.bias, bias[0])  # c_f: what the SAE makes of z = 0
 
     peaks = sla.analysis.dfa_at_peaks(model, sae, toks, feature_chunk=7)
-    fired = peaks.fired[:, 0]  # (B, F): every feature with a peak fires there
-    assert torch.equal(fired, acts.amax(1) > 0) and torch.equal(fired, peaks.mask[:, 0])
-    at_peaks = peaks.positions.clamp(min=0)
-    close(peaks.pre_act[:, 0][fired], pre.gather(1, at_peaks)[:, 0][fired])
-    close(peaks.acts[:, 0][fired], acts.gather(1, at_peaks)[:, 0][fired])
-    close((peaks.by_src.sum(2) + peaks.bias)[:, 0][fired], peaks.pre_act[:, 0][fired])
-    assert peaks.pre_act[:, 0][~fired].isnan().all()  # no peak: nothing attributed
+    fired = peaks.fired  # (B, F): every feature with a peak fires there
+    assert torch.equal(fired, acts.amax(1) > 0) and torch.equal(fired, peaks.mask)
+    at_peaks = peaks.positions.clamp(min=0)[:, None]  # (B, 1, F)
+    close(peaks.pre_act[fired], pre.gather(1, at_peaks)[:, 0][fired])
+    close(peaks.acts[fired], acts.gather(1, at_peaks)[:, 0][fired])
+    close((peaks.by_src.sum(1) + peaks.bias)[fired], peaks.pre_act[fired])
+    assert peaks.pre_act[~fired].isnan().all()  # no peak: nothing attributed
 
 
 @pytest.mark.parametrize("architecture", ["topk_rescaled", "batchtopk_training"])
@@ -260,10 +261,10 @@ def test_sae_saved_by_the_saelens_runner_is_read_flattened(
     close(result.pre_act, pre)
     close(result.by_src.sum(2) + result.bias, result.pre_act)
     peaks = sla.analysis.dfa_at_peaks(model, sae, toks)
-    fired = peaks.fired[:, 0]
+    fired = peaks.fired
     assert fired.any()
-    at_peaks = result.pre_act.gather(1, peaks.positions.clamp(min=0))[:, 0]
-    close(peaks.pre_act[:, 0][fired], at_peaks[fired])
+    at_peaks = result.pre_act.gather(1, peaks.positions.clamp(min=0)[:, None])[:, 0]
+    close(peaks.pre_act[fired], at_peaks[fired])
 
 
 def test_unknown_normalisation_is_refused(model, tmp_path) -> None:
@@ -354,4 +355,4 @@ def test_half_precision_models(dtype, sae_in_model_dtype, tmp_path) -> None:
     peaks = sla.analysis.dfa_at_peaks(model, sae, toks)
     fired = peaks.fired
     assert fired.any()
-    close((peaks.by_src.sum(2) + peaks.bias)[fired], peaks.pre_act[fired], HALF_TOLERANCE[dtype])
+    close((peaks.by_src.sum(1) + peaks.bias)[fired], peaks.pre_act[fired], HALF_TOLERANCE[dtype])

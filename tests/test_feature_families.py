@@ -31,11 +31,15 @@ from .test_analysis_dfa import random_sae
 
 # --- the pure classifier on synthetic DFA results and logit tables ----------------------------
 
-V = 20
+V = 30
 """Vocabulary of the synthetic contexts."""
-ROW = [0, 3, 4, 9, 8, 7, 6, 3]
-"""BOS, then 3 4 ... and 3 again at the query (position 7): 4 (position 2) follows the earlier 3."""
-Q = 7
+ROW = [0, 3, 4, 9, 8, 7, 6, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 3]
+"""BOS, then 3 4 ... and 3 again at the query (position 23): 4 (position 2) follows the earlier 3
+(position 1); position 13 is the farthest source inside the 10-token clause, 12 the nearest
+beyond it."""
+Q = 23
+REPEAT = [*ROW[:22], 3, 3]
+"""ROW with the query token (3) also just before the query (position 22)."""
 
 
 def fits_of(
@@ -71,44 +75,89 @@ def fits_of(
 
 
 def test_each_source_family_has_its_own_test() -> None:
-    assert fits_of({2: 1.0, 5: 0.1}) == {"induction"}  # token after the earlier 3, 5 back
-    assert fits_of({1: 1.0}) == {"duplicate_token"}  # the earlier 3 itself
-    assert fits_of({6: 1.0}) == {"local_context"}  # previous token
-    assert fits_of({4: 1.0}) == {"local_context"}  # 3 back: the default window
-    assert fits_of({4: 1.0}, local_window=2) == set()
-    assert fits_of({7: 1.0}) == {"local_context"}  # the query itself
-    # spread over far sources: the top one holds 0.25 < 0.3, all of it is beyond the window
-    spread = {3: 0.26, 2: 0.25, 1: 0.25, 6: 0.24}
-    assert fits_of(spread) == {"long_range_context"}
-    assert fits_of(spread, spread_top_share=0.2) == set()
-    assert fits_of(spread, far_share=0.8) == set()
-    assert fits_of({3: 0.3, 5: 0.3, 6: 0.6}) == {"local_context"}  # near sources hold most
+    assert fits_of({2: 1.0, 5: 0.1}) == {"induction"}  # token after the earlier 3, 21 back
+    assert fits_of({1: 1.0}) == {"duplicate_token"}  # the earlier 3 itself, 22 back
+    assert fits_of({22: 1.0}) == {"local_context"}  # previous token
+    assert fits_of({23: 1.0}) == {"local_context"}  # the query itself
     # induction wins over its duplicate-token neighbour only through the top source
     assert fits_of({2: 0.5, 1: 0.6}) == {"duplicate_token"}
 
 
-def test_each_logit_family_reads_the_top_source_token() -> None:
-    source = ROW[5]  # 7, at distance 2: also local
-    assert fits_of({5: 1.0}, table={source: 3.5}) == {"copying", "local_context"}
-    assert fits_of({5: 1.0}, table={source: 2.9}) == {"local_context"}
-    assert fits_of({5: 1.0}, table={source: 2.5}, logit_z=2.0) == {"copying", "local_context"}
-    assert fits_of({5: 1.0}, table={source: -3.5}) == {"suppression", "local_context"}
-    assert fits_of({5: 1.0}, table={11: 4.0}, successors={source: 11}) == {
+def test_families_that_move_a_token_need_a_source_before_the_query() -> None:
+    # the query reads itself, and the token before it is the same: once induction, and copying
+    # or suppression of the query token; now only local context
+    assert fits_of({23: 1.0}, row=REPEAT, table={3: 5.0}) == {"local_context"}
+    assert fits_of({23: 1.0}, row=REPEAT, table={3: -5.0}) == {"local_context"}
+    assert fits_of({23: 1.0}, row=REPEAT, table={11: 5.0}, successors={3: 11}) == {"local_context"}
+    # the same token one position earlier is a source before the query: every test applies
+    assert fits_of({22: 1.0}, row=REPEAT, table={3: 5.0}) == {
+        "duplicate_token",
+        "copying",
+        "local_context",
+    }
+    assert fits_of({22: 1.0}, row=REPEAT, table={3: -5.0}) == {
+        "duplicate_token",
+        "suppression",
+        "local_context",
+    }
+    assert fits_of({22: 1.0}, row=REPEAT, table={11: 5.0}, successors={3: 11}) == {
+        "duplicate_token",
         "successor",
         "local_context",
     }
-    assert fits_of({5: 1.0}, table={11: 4.0}) == {"local_context"}  # no successor table
-    assert fits_of({5: 1.0}, table={12: 4.0}, successors={source: 11}) == {"local_context"}
-    assert fits_of({6: -1.0, 5: 0.0}, table={source: 9.0}) == set()  # no positive source
+    assert fits_of({2: 1.0}, row=REPEAT) == {"induction"}  # after the earlier 3 at 1
+
+
+def test_local_context_is_a_clause() -> None:
+    assert FamilyThresholds().local_window == 10
+    assert fits_of({18: 1.0}) == {"local_context"}  # 5 back: beyond a 3-token window
+    assert fits_of({13: 1.0}) == {"local_context"}  # 10 back: the edge of the clause
+    assert fits_of({12: 1.0}) == {"long_range_context"}  # 11 back: beyond it
+    assert fits_of({13: 1.0}, local_window=9) == {"long_range_context"}
+    assert fits_of({12: 1.0}, local_window=11) == {"local_context"}
+    assert fits_of({20: 1.0}, local_window=2) == {"long_range_context"}
+
+
+def test_one_far_source_is_long_range_unless_induction_or_duplicate() -> None:
+    assert fits_of({7: 1.0}) == {"long_range_context"}  # token 10, 16 back
+    assert fits_of({7: 1.0, 22: 0.9}) == {"long_range_context"}  # the top source decides
+    assert fits_of({7: 1.0}, table={10: 5.0}) == {"copying", "long_range_context"}
+    assert fits_of({2: 1.0}) == {"induction"}  # far, but induction
+    assert fits_of({1: 1.0}) == {"duplicate_token"}  # far, but an earlier copy
+    # spread: a local top source holds 0.26 < 0.3, sources beyond the clause 0.74 >= 0.5
+    spread = {20: 0.26, 5: 0.25, 6: 0.25, 7: 0.24}
+    assert fits_of(spread) == {"local_context", "long_range_context"}
+    assert fits_of(spread, spread_top_share=0.2) == {"local_context"}
+    assert fits_of(spread, far_share=0.8) == {"local_context"}
+    assert fits_of({20: 0.6, 5: 0.3, 6: 0.3}) == {"local_context"}  # the top one holds 0.5
+
+
+def test_each_logit_family_reads_the_top_source_token() -> None:
+    source = ROW[20]  # 24, at distance 3: also local
+    assert fits_of({20: 1.0}, table={source: 3.5}) == {"copying", "local_context"}
+    assert fits_of({20: 1.0}, table={source: 2.9}) == {"local_context"}
+    assert fits_of({20: 1.0}, table={source: 2.5}, logit_z=2.0) == {"copying", "local_context"}
+    assert fits_of({20: 1.0}, table={source: -3.5}) == {"suppression", "local_context"}
+    assert fits_of({20: 1.0}, table={11: 4.0}, successors={source: 11}) == {
+        "successor",
+        "local_context",
+    }
+    assert fits_of({20: 1.0}, table={11: 4.0}) == {"local_context"}  # no successor table
+    assert fits_of({20: 1.0}, table={12: 4.0}, successors={source: 11}) == {"local_context"}
+    assert fits_of({22: -1.0, 20: 0.0}, table={source: 9.0}) == set()  # no positive source
 
 
 def test_ignored_future_and_negative_sources_are_never_the_top_source() -> None:
     # BOS (position 0) drives the feature most, but is not a source: the next best one counts
-    assert fits_of({0: 5.0, 2: 1.0}, sources=[False] + [True] * 7) == {"induction"}
-    assert fits_of({0: 5.0, 2: 1.0}) == set()  # BOS allowed: 0 is its own family-less source
+    no_bos = [False] + [True] * (len(ROW) - 1)
+    assert fits_of({0: 5.0, 2: 1.0}, sources=no_bos) == {"induction"}
+    assert fits_of({0: 5.0, 2: 1.0}) == {"long_range_context"}  # BOS allowed: 23 back, not 3
+    assert fits_of({0: 5.0}, sources=no_bos) == set()  # only BOS drives it
+    not_a_query = [True] * (len(ROW) - 1) + [False]
+    assert fits_of({22: 1.0}, sources=not_a_query) == set()
     assert fits_of({2: -1.0, 6: -0.5}) == set()  # nothing drives it positively
     # position 6 lies after the query (5): never a source
-    row = [0, 3, 4, 9, 8, 3, 6, 3]
+    row = [*ROW[:5], 3, *ROW[6:]]
     assert fits_of({2: 1.0, 6: 9.0}, row=row, query=5) == {"induction", "local_context"}
 
 
@@ -138,7 +187,7 @@ def synthetic_families(
 
 
 def test_labels_follow_shares_priority_and_thresholds() -> None:
-    induction, local, duplicate = {2: 1.0}, {6: 1.0}, {1: 1.0}
+    induction, local, duplicate = {2: 1.0}, {22: 1.0}, {1: 1.0}
     result = synthetic_families(
         [
             [induction, induction, induction, local],  # induction 3/4, copying 3/4, local 1/4
@@ -311,12 +360,18 @@ def test_planted_features_get_their_families(plant: Planted) -> None:
     assert result.shares["local_context"][:6].tolist() == [1.0] * 6
     assert result.shares["copying"][1] == 1.0 and result.shares["suppression"][2] == 1.0
     assert result.shares["long_range_context"][:6].max() == 0
-    # thresholds move the labels as documented
+    # thresholds move the labels as documented: with a window of 0 the previous token lies
+    # beyond the clause (and no logit effect reaches 1e3 standard deviations)
     tight = sla.analysis.feature_families(
         plant.model, plant.sae, plant.tokens, [0, 1],
         thresholds=FamilyThresholds(local_window=0, logit_z=1e3), ignore_tokens=[0],
     )  # fmt: skip
-    assert tight.labels == {0: UNCLASSIFIED, 1: UNCLASSIFIED}
+    assert tight.labels == {0: "long_range_context", 1: "long_range_context"}
+    strict = sla.analysis.feature_families(
+        plant.model, plant.sae, plant.tokens, [0, 1],
+        thresholds=FamilyThresholds(min_contexts=21), ignore_tokens=[0],
+    )  # fmt: skip
+    assert strict.labels == {0: UNCLASSIFIED, 1: UNCLASSIFIED}
     few = sla.analysis.feature_families(
         plant.model, plant.sae, plant.tokens, [0], n_contexts=5, ignore_tokens=[0]
     )

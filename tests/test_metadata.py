@@ -14,6 +14,7 @@ from sae_lens_attn.config.metadata import (
     ATTENTION_METADATA_KEYS,
     attention_metadata,
     read_attention_metadata,
+    recorded_site,
 )
 from sae_lens_attn.pretrained.kissane import kissane_config_to_saelens
 from sae_lens_attn.site import FOLDED_MODEL_KWARGS
@@ -129,3 +130,41 @@ def test_training_configs_save_the_one_schema(gqa_model, tmp_path) -> None:
     assert {key: saved[key] for key in expected} == expected
     sae = saved_sae(saved, site.d_in, tmp_path)
     assert read_attention_metadata(sae.cfg.metadata, d_in=site.d_in).site(site.d_in) == site
+
+
+def test_recorded_site_fills_what_the_metadata_leaves_out() -> None:
+    assert recorded_site(3, 128, 8, 2, 16) == GQA_SITE
+    assert recorded_site(3, 128, 8) == AttnSite(3, 8, 8, 16)  # kv heads = heads, d_head = d_in/8
+    with pytest.raises(
+        ValueError, match=r"SAE d_in=120 does not match .*: expected .* 8\*16 = 128"
+    ):
+        recorded_site(3, 120, 8, d_head=16)
+    with pytest.raises(ValueError, match="not a multiple of n_kv_heads=3"):
+        recorded_site(3, 128, 8, 3)
+
+
+@pytest.mark.parametrize("with_heads", [True, False], ids=["recorded", "plain-saelens"])
+def test_from_sae_is_the_reader_and_the_model_site(gqa_model, tmp_path, with_heads) -> None:
+    """``AttnSite.from_sae`` is the reader's ``sae_site``; by hand: the model's site when the
+    model is given (clashes refused), else the recorded heads, and no guessing without them."""
+    site = AttnSite.from_model(gqa_model, 1)
+    written = attention_metadata(site, "included")
+    metadata = written if with_heads else {"hook_name": written["hook_name"]}
+    sae = saved_sae(metadata, site.d_in, tmp_path)
+    read = read_attention_metadata(sae.cfg.metadata)
+    assert AttnSite.from_sae(sae, gqa_model) == read.sae_site(site.d_in, site) == site
+    if with_heads:
+        assert AttnSite.from_sae(sae) == read.sae_site(site.d_in) == site
+        other = AttnSite(1, site.n_heads, site.n_heads, site.d_head)
+        with pytest.raises(
+            ValueError, match=r"another model's site: n_kv_heads=2 in the SAE but 4"
+        ):
+            read.sae_site(site.d_in, other)
+    else:
+        with pytest.raises(ValueError, match=r"does not record n_heads.*pass model="):
+            read.sae_site(site.d_in)
+        with pytest.raises(ValueError, match=r"does not record n_heads.*pass model="):
+            AttnSite.from_sae(sae)
+        wider = AttnSite(1, site.n_heads, site.n_kv_heads, site.d_head * 2)
+        with pytest.raises(ValueError, match=r"SAE d_in=32 does not match the site"):
+            read.sae_site(site.d_in, wider)  # nothing recorded to clash with: the width decides

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -169,6 +170,37 @@ def test_head_attribution_of_a_decoder_writing_to_one_head() -> None:
     W_dec = torch.zeros(6, 32)
     W_dec[:5, 16:24] = torch.randn(5, 8)  # head 2 only; the last feature is dead (all zero)
     torch.testing.assert_close(head_shares(W_dec, site), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+
+
+def test_card_head_shares_are_head_attribution_averaged_over_live_features(model) -> None:
+    sae = make_saes(model)[IDS[0]]
+    with torch.no_grad():
+        sae.W_dec[5] = 0.0  # a dead feature: no share, left out of the mean
+    site = sla.AttnSite.from_sae(sae)
+    rows = sla.analysis.head_attribution(sae)
+    live = [f for f in range(sae.cfg.d_sae) if f != 5]
+    torch.testing.assert_close(head_shares(sae.W_dec, site), rows[live].mean(0))
+    with pytest.raises(ValueError, match="every decoder row is zero"):
+        head_shares(torch.zeros_like(sae.W_dec), site)
+
+
+def test_the_card_names_the_installed_version_without_importing_the_package(
+    published, monkeypatch
+) -> None:
+    from sae_lens_attn.pretrained import publishing
+
+    installed = importlib.metadata.version("sae-lens-attn")
+    assert publishing.package_version() == installed
+    card = (published.out_dir / "README.md").read_text()
+    assert f"Written by sae-lens-attn {installed} (SAELens " in card
+    source = inspect.getsource(publishing)
+    assert "from sae_lens_attn import" not in source and "import sae_lens_attn\n" not in source
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(publishing, "version", not_installed)
+    assert publishing.package_version() == publishing.UNKNOWN_VERSION == "0+unknown"
 
 
 def test_yaml_entry_is_what_saelens_reads(published) -> None:

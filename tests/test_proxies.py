@@ -15,9 +15,10 @@ from sae_lens import SAE
 
 import sae_lens_attn as sla
 from sae_lens_attn.analysis import induction_proxy, proxy_histogram
+from sae_lens_attn.corpus import Corpus
 from sae_lens_attn.viz import analysis_plots
 from sae_lens_attn.viz.dashboard import panels
-from sae_lens_attn.viz.dashboard.data import collect, feature_activations
+from sae_lens_attn.viz.dashboard.data import collect
 from sae_lens_attn.viz.dashboard.feature_analyses import peak_rdfa
 
 RELEASE = "stdlib-2l-attn-z"
@@ -200,7 +201,7 @@ def test_rdfa_panel_on_the_embedded_model(default) -> None:
     assert "no SAE for layer(s) [0]" in without.note
     assert "sae error" in panels.rdfa_panel(without, tokenizer=tokenizer)
 
-    strongest = int(feature_activations(model, sae0, tokens).amax((0, 1)).argmax())
+    (strongest,) = Corpus(model, tokens).top_features(sae0, 1)
     (data0,) = collect(model, sae0, tokens, [strongest], tokenizer=tokenizer)
     layer0 = peak_rdfa(model, sae0, [], tokens, data0)
     assert "Layer 0 has no upstream attention layer" in layer0.note

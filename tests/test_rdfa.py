@@ -12,9 +12,9 @@ from sae_lens import SAE
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, backend_for
-from sae_lens_attn.analysis.attribution import encode_z
 from sae_lens_attn.analysis.recursive_dfa import Contribution, RDFAResult, rdfa
 from sae_lens_attn.analysis.residual_parts import read_residual_parts
+from sae_lens_attn.sae_adapter import encode_z
 
 from .hf_twins import build_hf, build_twin
 from .test_analysis_dfa import batch, random_sae
@@ -276,7 +276,7 @@ def test_bad_input(default) -> None:
     n = tokens.shape[1]
     with pytest.raises(ValueError, match=r"needs the SAE of layer 1.*layers \[0\]"):
         rdfa(model, [saes[0]], tokens, layer=1, feature=0, position=3)
-    with pytest.raises(ValueError, match=r"two SAEs for layer 1"):
+    with pytest.raises(ValueError, match=r"two SAEs read layer 1"):
         rdfa(model, [saes[1], saes[1]], tokens, layer=1, feature=0, position=3)
     with pytest.raises(ValueError, match=r"given for layer 0 reads layer 1"):
         rdfa(model, {0: saes[1]}, tokens, layer=1, feature=0, position=3)

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +88,24 @@ def test_unknown_hf_architecture_says_how_to_add_one() -> None:
         match=r"unsupported Hugging Face architecture 'FooForCausalLM'.*HF_ARCHITECTURES",
     ):
         hf_architecture("FooForCausalLM")
+
+
+SITE_ALONE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("site_alone", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["site_alone"] = module
+spec.loader.exec_module(module)
+print(json.dumps(sorted(name for name in sys.modules if name.startswith("sae_lens_attn"))))
+"""
+
+
+def test_the_site_module_loads_without_the_package() -> None:
+    """``site.py`` imports nothing of the package at load (the metadata reader, which imports
+    it, is imported inside ``from_sae``), so it sits below every other module."""
+    path = Path(sla.site.__file__)
+    out = subprocess.run(
+        [sys.executable, "-c", SITE_ALONE, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -251,7 +251,7 @@ def test_analyze_picks_induction_heads_that_leave_a_control_as_the_demo_does(tmp
     from sae_lens_attn.analysis import induction_features
     from sae_lens_attn.analysis.induction import induction_scores
     from sae_lens_attn.analysis.induction_heuristics import default_seq_len
-    from sae_lens_attn.default_model.demo import INDUCTION_HEAD_SCORE
+    from sae_lens_attn.demo import INDUCTION_HEAD_SCORE
 
     model, tokenizer = load_default_model()
     bos = cast(int, tokenizer.bos_token_id)

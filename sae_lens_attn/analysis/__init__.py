@@ -2,7 +2,7 @@
 and analyzers by name (``register`` / ``get`` / ``names``, extensible through entry points)."""
 
 from sae_lens_attn.analysis.attribution import DFAResult, dfa
-from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
+from sae_lens_attn.analysis.dfa_peaks import PeakDFA, dfa_at_peaks
 from sae_lens_attn.analysis.families import (
     FamilyThresholds,
     FeatureFamilies,
@@ -46,6 +46,7 @@ from sae_lens_attn.analysis.registry import (
     names,
     register,
 )
+from sae_lens_attn.corpus import Corpus
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -53,6 +54,7 @@ __all__ = [
     "AnalysisInput",
     "Analyzer",
     "Contribution",
+    "Corpus",
     "DFAResult",
     "FamilyThresholds",
     "FeatureFamilies",
@@ -61,6 +63,7 @@ __all__ = [
     "HeadVerdict",
     "InductionFeature",
     "InductionReport",
+    "PeakDFA",
     "Polysemanticity",
     "PrefixEvents",
     "PrefixInduction",

@@ -56,10 +56,11 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.backends import AttnBackend, AttnCapture, backend_for
-from sae_lens_attn.config.metadata import read_attention_metadata
-from sae_lens_attn.site import AttnSite, ValueBiasConvention
-from sae_lens_attn.validation import check_count, check_features, check_positions, check_tokens
+from sae_lens_attn.backends import AttnCapture
+from sae_lens_attn.corpus import Corpus, corpus_of
+from sae_lens_attn.sae_adapter import check_device, compute_dtype, feature_acts
+from sae_lens_attn.site import AttnSite
+from sae_lens_attn.validation import check_count, check_features, check_positions
 
 LINEAR_ENCODER_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
 """Architectures whose pre-activation is ``(norm(z) − b_dec) W_enc + b_enc``. A BatchTopK SAE is
@@ -69,8 +70,6 @@ RESHAPE_ACTIVATIONS = ("hook_z", "none")
 SAELens's runner saves for hook_z SAEs)."""
 NO_QUERY = -1
 """Query position of an entry that has none (a feature that never fires in the prompt)."""
-_ENCODE_BLOCK = 2**24
-"""Upper bound on ``tokens × d_sae`` per call of the SAE's ``encode``."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ class EncoderTerms:
 def dfa(
     model: Any,
     sae: SAE[Any],
-    tokens: Int[Tensor, " batch pos"],
+    tokens: Int[Tensor, " batch pos"] | Corpus,
     features: Int[Tensor, " F"] | list[int] | None = None,
     positions: Int[Tensor, " batch"] | Int[Tensor, " batch q"] | None = None,
     *,
@@ -176,7 +175,7 @@ def dfa(
         sae: a SAELens SAE on this model's hook_z, of a linear-encoder architecture (standard,
             TopK, JumpReLU, BatchTopK), any ``apply_b_dec_to_input``, a supported
             ``normalize_activations`` (module docstring), on the model's device.
-        tokens: token ids.
+        tokens: token ids, or a ``Corpus`` holding them (its capture is shared).
         features: feature indices (default: all).
         positions: query positions per row, ``[batch]`` or ``[batch, q]`` (default: all).
         attention_mask: 0 at padding; padding is never attributed.
@@ -194,22 +193,18 @@ def dfa(
         >>> acts = sla.analysis.dfa(model, sae, tokens, features=[12, 99], positions=peaks)
         >>> acts.by_src[0, 0, :, 0]   # how much each source position drove feature 12
     """
-    backend = backend_for(model)
-    site = AttnSite.from_sae(sae, backend)
-    _check_sae(sae)
-    tokens = check_tokens(tokens, backend)
+    corpus = corpus_of(model, tokens, attention_mask)
     feature_idx = check_features(features, sae.cfg.d_sae)
-    query = check_positions(positions, tokens)
-    real = real_positions(attention_mask, tokens)
+    query = check_positions(positions, corpus.tokens)
     feature_chunk = check_count("feature_chunk", feature_chunk)
-    capture = dfa_capture(backend, sae, site, tokens, attention_mask)
+    site, capture = dfa_capture(corpus, sae)
     return attribute(
         *kernel_inputs(capture),
         sae,
         site,
         feature_idx,
         query,
-        real=real,
+        real=corpus.real,
         feature_chunk=feature_chunk,
     )
 
@@ -434,76 +429,19 @@ def encoder_terms(sae: SAE[Any], features: Int[Tensor, " F"], dtype: torch.dtype
     return EncoderTerms(weight, bias, activation_scale, normalisation)
 
 
-def feature_acts(
-    sae: SAE[Any], z: Float[Tensor, " *batch n_heads d_head"], features: Int[Tensor, " F"]
-) -> Float[Tensor, " *batch F"]:
-    """The SAE's own activations of ``features`` (its ``encode``), in blocks of tokens.
-
-    A BatchTopK training SAE selects over each block, not over the whole batch.
-    """
-    flat = z.flatten(0, -3)  # (N, H, D)
-    block = max(1, _ENCODE_BLOCK // sae.cfg.d_sae)
-    acts = [encode_z(sae, part)[:, features] for part in flat.split(block)]
-    return torch.cat(acts).unflatten(0, z.shape[:-2])
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or a wider dtype if one of ``tensors`` has it: half-precision models included."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def check_device(sae: SAE[Any], activations: Tensor) -> None:
-    """Raise ``ValueError`` unless the SAE's parameters are on the activations' device."""
-    device = sae.W_enc.device
-    if device != activations.device:
-        raise ValueError(
-            f"the SAE's parameters are on {device} but the model's activations are on "
-            f"{activations.device}: move the SAE there with sae.to({str(activations.device)!r})"
-        )
-
-
-def dfa_capture(
-    backend: AttnBackend,
-    sae: SAE[Any],
-    site: AttnSite,
-    tokens: Int[Tensor, " batch pos"],
-    attention_mask: Int[Tensor, " batch pos"] | None = None,
-) -> AttnCapture:
-    """z, patterns and values for DFA: in the SAE's value-bias convention, with no attention
-    to padded source positions.
+def dfa_capture(corpus: Corpus, sae: SAE[Any]) -> tuple[AttnSite, AttnCapture]:
+    """The SAE's site, and z, patterns and values there for DFA: in the SAE's value-bias
+    convention, with no attention to padded source positions (the corpus's one capture).
 
     Raises:
-        ValueError: the SAE's parameters are not on the device of the model's activations.
+        ValueError: the SAE is not a hook_z SAE DFA supports, or its parameters are not on the
+            device of the model's activations.
     """
-    capture = backend.capture(
-        tokens,
-        [site],
-        pattern=True,
-        values=True,
-        convention=sae_convention(sae, backend.native_convention),
-        attention_mask=attention_mask,
-    )[site.layer]
+    site, convention = corpus.site_of(sae)
+    _check_sae(sae)
+    capture = corpus.capture(site, convention, pattern=True, values=True)
     check_device(sae, capture.z)
-    if attention_mask is not None and capture.pattern is not None:
-        keep = attention_mask[:, None, None, :].to(capture.pattern.device).bool()
-        capture = capture._replace(pattern=_zero_unless(keep, capture.pattern))
-    return capture
-
-
-def encode_z(
-    sae: SAE[Any], z: Float[Tensor, " *batch n_heads d_head"]
-) -> Float[Tensor, " *batch d_sae"]:
-    """Feature activations of z, whether or not the SAE reshapes hook_z itself."""
-    reshapes = getattr(sae, "hook_z_reshaping_mode", False)
-    return sae.encode((z if reshapes else z.flatten(-2)).to(sae.dtype))
-
-
-def sae_convention(sae: SAE[Any], default: ValueBiasConvention) -> ValueBiasConvention:
-    """The value-bias convention an SAE was trained on (its metadata, else ``default``)."""
-    return read_attention_metadata(sae.cfg.metadata).value_bias_convention or default
+    return site, capture
 
 
 def _check_sae(sae: SAE[Any]) -> None:
@@ -532,25 +470,6 @@ def _check_normalisation(sae: SAE[Any]) -> str:
     return value
 
 
-def _zero_unless(keep: Tensor, values: Tensor) -> Tensor:
-    """``values`` where ``keep``, else 0 (also where ``values`` is inf or NaN)."""
-    return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
-
-
 def _b_enc(sae: SAE[Any]) -> Tensor:
     b_enc = getattr(sae, "b_enc", None)
     return torch.zeros(sae.cfg.d_sae, device=sae.W_enc.device) if b_enc is None else b_enc.detach()
-
-
-def real_positions(
-    attention_mask: Int[Tensor, " batch pos"] | None, tokens: Int[Tensor, " batch pos"]
-) -> Bool[Tensor, " batch pos"]:
-    """True at real (non-padding) positions: where ``attention_mask`` is non-zero (all without)."""
-    if attention_mask is None:
-        return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
-    if attention_mask.shape != tokens.shape:
-        raise ValueError(
-            f"attention_mask must have the tokens' shape {tuple(tokens.shape)} (1 at real "
-            f"tokens, 0 at padding), got {tuple(attention_mask.shape)}"
-        )
-    return attention_mask.bool()

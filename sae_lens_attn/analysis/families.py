@@ -2,23 +2,32 @@
 
 For each feature, over its max-activating contexts (its peak in each of the ``n_contexts``
 prompts where that peak is largest; it must fire there), the context's top source ``s*`` is the
-source position with the largest DFA contribution at the peak ``q`` among the allowed sources
-(``s* ≤ q``, not a special token such as BOS, which acts as an attention sink, not padding); a
-context whose allowed sources all contribute ≤ 0 fits no family. With ``t`` the token ids and
-``z[f, id]`` the feature's standardised logit effect (``W_dec[f] · W_O_cat · W_U`` minus its
-mean over the vocabulary, over its standard deviation), a context fits:
+usable source ``s ≤ q`` with the largest positive DFA contribution at the peak ``q``
+(``sources.top_source``: special tokens such as BOS, an attention sink, are never a query nor a
+top source); a context without one fits no family. With ``t`` the token ids, ``d = q − s*`` the
+distance of the top source and ``z[f, id]`` the feature's standardised logit effect
+(``W_dec[f] · W_O_cat · W_U`` minus its mean over the vocabulary, over its standard deviation),
+a context fits:
 
-- ``induction``: ``s* ≥ 1`` and ``t[s* − 1] == t[q]`` (the source is the token after an earlier
-  occurrence of the current token; the same test as the induction behaviour heuristic);
+- ``induction``: ``1 ≤ s* < q`` and ``t[s* − 1] == t[q]`` (the source is the token after an
+  earlier occurrence of the current token; ``sources.follows_earlier_copy``, the same test as the
+  induction behaviour heuristic);
 - ``duplicate_token``: ``s* < q`` and ``t[s*] == t[q]`` (an earlier occurrence of the current
   token);
-- ``successor``: ``z[f, succ(t[s*])] ≥ logit_z``, where ``succ`` is the next item of a number,
-  letter, weekday or month sequence (``sequences.successor_text``) and a single token;
-- ``copying``: ``z[f, t[s*]] ≥ logit_z`` (raises the logit of the source token: name movers);
-- ``suppression``: ``z[f, t[s*]] ≤ −logit_z`` (lowers it);
-- ``local_context``: ``q − s* ≤ local_window`` (previous-token and other short-range features);
-- ``long_range_context``: the top source holds less than ``spread_top_share`` of the positive
-  attribution and sources farther than ``local_window`` hold at least ``far_share`` of it.
+- ``successor``: ``s* < q`` and ``z[f, succ(t[s*])] ≥ logit_z``, where ``succ`` is the next item
+  of a number, letter, weekday or month sequence (``sequences.successor_text``) and a single token;
+- ``copying``: ``s* < q`` and ``z[f, t[s*]] ≥ logit_z`` (moves an earlier token to the query and
+  raises its logit: name movers);
+- ``suppression``: ``s* < q`` and ``z[f, t[s*]] ≤ −logit_z`` (lowers it);
+- ``local_context``: ``d ≤ local_window``, a clause (``s* = q`` included: the query reads itself);
+- ``long_range_context``: neither induction nor duplicate token, and either the top source lies
+  beyond the clause (``d > local_window``), or it holds less than ``spread_top_share`` of the
+  positive attribution while sources beyond ``local_window`` hold at least ``far_share`` of it.
+
+The families that name what a head moves from a source to the query (induction, duplicate token,
+successor, copying, suppression) need a source before the query: a head attending to the query
+itself reads the current token, which the residual stream already holds, so a feature whose top
+source is the query is local context, not a name mover.
 
 A family's share is the fraction of the feature's contexts that fit it (families overlap: an
 induction feature usually copies too). The label is the first family in ``FAMILIES`` order
@@ -37,16 +46,15 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.attribution import encode_z, sae_convention
+from sae_lens_attn.analysis.attribution import NO_QUERY
 from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
 from sae_lens_attn.analysis.logits import logit_effects
 from sae_lens_attn.analysis.sequences import successor_ids
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
+from sae_lens_attn.analysis.sources import NO_SOURCE, follows_earlier_copy, top_source
+from sae_lens_attn.corpus import Corpus, corpus_of
 from sae_lens_attn.validation import (
     check_count,
     check_features,
-    check_tokens,
     special_token_ids,
     tokenizer_of,
 )
@@ -73,12 +81,18 @@ LABELS = (*FAMILIES, UNCLASSIFIED, NEVER_FIRES)
 class FamilyThresholds:
     """The thresholds of the family tests (module docstring), with their defaults."""
 
-    local_window: int = 3
-    """A source at most this many positions before the query is local (0: the query itself)."""
+    local_window: int = 10
+    """A top source at most this many positions before the query is local context (0: the query
+    itself); farther ones are long-range. Clause-scale: an English clause is 7 to 10 words, about
+    10 to 13 BPE tokens, and in code, the stretches of a line between punctuation and brackets of
+    the standard library's ``random.py`` under the embedded model's tokenizer are 6 tokens long in
+    the median and 10 at the 75th percentile (a whole line: 18 in the median)."""
     far_share: float = 0.5
-    """Long-range: least share of the positive attribution from sources beyond ``local_window``."""
+    """Long-range spread: least share of the positive attribution from sources beyond
+    ``local_window``."""
     spread_top_share: float = 0.3
-    """Long-range: the top source holds less than this share of the positive attribution."""
+    """Long-range spread: the top source holds less than this share of the positive
+    attribution."""
     logit_z: float = 3.0
     """Standardised logit effect (in standard deviations over the vocabulary) that counts as
     raising (``≥ logit_z``) or lowering (``≤ −logit_z``) a token's logit."""
@@ -145,7 +159,8 @@ def context_fits(
         by_src: DFA by source at that query, per feature.
         logit_z: each feature's standardised logit effect per token.
         successors: successor id per token id, −1 where none (default: none).
-        sources: True where a position may be a top source (default: all).
+        sources: True where a position may be a query or a top source (default: all): a
+            context whose query is not fits no family.
         thresholds: the thresholds (default: ``FamilyThresholds()``).
     """
     th = thresholds or FamilyThresholds()
@@ -154,19 +169,20 @@ def context_fits(
     device = by_src.device
     tokens, query = tokens.to(device), query.to(device)
     sources = torch.ones_like(tokens, dtype=torch.bool) if sources is None else sources.to(device)
+    top, best = top_source(by_src, query, sources)  # (C, F): s*, NO_SOURCE where none
+    has_source = top != NO_SOURCE
+    at_top = top.clamp(min=0)
+    earlier = has_source & (top < query)  # s* < q: a source other than the query itself
+    distance = query - top
     s = torch.arange(n_pos, device=device)[None, :, None]
     allowed = sources[:, :, None] & (s <= query[:, None, :])  # (C, P, F)
-    contribution = by_src.float()
-    best, top = contribution.masked_fill(~allowed, float("-inf")).max(1)  # (C, F)
-    has_source = best > 0
-    positive = contribution.clamp(min=0) * allowed
+    positive = by_src.float().nan_to_num().clamp(min=0) * allowed
     total = positive.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
     top_share = best.clamp(min=0) / total
     far = (positive * ((query[:, None, :] - s) > th.local_window)).sum(1) / total
 
-    at = tokens.gather(1, query)  # t[q]
-    source = tokens.gather(1, top)  # t[s*]
-    before = tokens.gather(1, (top - 1).clamp(min=0))  # t[s* − 1]
+    at = tokens.gather(1, query.clamp(min=0))  # t[q]
+    source = tokens.gather(1, at_top)  # t[s*]
     column = torch.arange(n_features, device=device).expand(n_rows, n_features)
     logit_z = logit_z.to(device).float()
     source_z = logit_z[column, source]
@@ -177,14 +193,17 @@ def context_fits(
     )
     following = table[source]
     following_z = logit_z[column, following.clamp(min=0)]
+    induction = follows_earlier_copy(tokens, query, top)
+    duplicate = earlier & (source == at)
+    spread = (top_share < th.spread_top_share) & (far >= th.far_share)
     fits = {
-        "induction": (top >= 1) & (before == at),
-        "duplicate_token": (top < query) & (source == at),
-        "successor": (following >= 0) & (following_z >= th.logit_z),
-        "copying": source_z >= th.logit_z,
-        "suppression": source_z <= -th.logit_z,
-        "local_context": (query - top) <= th.local_window,
-        "long_range_context": (top_share < th.spread_top_share) & (far >= th.far_share),
+        "induction": induction,
+        "duplicate_token": duplicate,
+        "successor": earlier & (following >= 0) & (following_z >= th.logit_z),
+        "copying": earlier & (source_z >= th.logit_z),
+        "suppression": earlier & (source_z <= -th.logit_z),
+        "local_context": distance <= th.local_window,
+        "long_range_context": ~induction & ~duplicate & ((distance > th.local_window) | spread),
     }
     return torch.stack([fits[name] & has_source for name in FAMILIES], dim=-1)
 
@@ -253,7 +272,7 @@ def classify_families(
 def feature_families(
     model: Any,
     sae: SAE[Any],
-    tokens: Int[Tensor, " batch pos"],
+    tokens: Int[Tensor, " batch pos"] | Corpus,
     features: Int[Tensor, " F"] | Sequence[int] | None = None,
     *,
     thresholds: FamilyThresholds | None = None,
@@ -271,7 +290,8 @@ def feature_families(
     Args:
         model: any model a backend supports, with an unembedding.
         sae: a hook_z SAE of the model with a linear encoder (DFA needs one).
-        tokens: contexts ``[batch, pos]`` from the model's distribution.
+        tokens: contexts ``[batch, pos]`` from the model's distribution, or a ``Corpus`` of
+            them (its capture and encode are shared).
         features: feature indices (default: all).
         thresholds: the family tests' thresholds (default: ``FamilyThresholds()``).
         n_contexts: max-activating contexts per feature, one per prompt at its peak.
@@ -291,12 +311,12 @@ def feature_families(
         ValueError: bad tokens or features, an SAE DFA refuses, or a model without an
             unembedding.
     """
-    backend = backend_for(model)
-    AttnSite.from_sae(sae, backend)  # the SAE reads this model's hook_z
-    tokens = check_tokens(tokens, backend)
+    batch_size = check_count("batch_size", batch_size)
+    corpus = corpus_of(model, tokens, attention_mask, batch_size=batch_size)
+    backend, tokens = corpus.backend, corpus.tokens
+    corpus.site_of(sae)  # the SAE reads this model's hook_z
     feature_idx = check_features(features, sae.cfg.d_sae)
     n_contexts = check_count("n_contexts", n_contexts)
-    batch_size = check_count("batch_size", batch_size)
     feature_chunk = check_count("feature_chunk", feature_chunk)
     thresholds = thresholds or FamilyThresholds()
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(backend)
@@ -304,12 +324,10 @@ def feature_families(
     if successors is None:
         successors = successor_ids(tokenizer, d_vocab)
     usable = usable_positions(
-        tokens, tokenizer=tokenizer, ignore_tokens=ignore_tokens, attention_mask=attention_mask
-    )
-    peak_acts, peaks = peak_activations(
-        backend, sae, tokens, feature_idx, usable, attention_mask=attention_mask,
-        batch_size=batch_size,
+        tokens, tokenizer=tokenizer, ignore_tokens=ignore_tokens,
+        attention_mask=corpus.attention_mask,
     )  # fmt: skip
+    peak_acts, peaks = peak_activations(corpus, sae, feature_idx, usable)
     chosen = _max_activating(peak_acts, n_contexts)  # (N, F)
     counts = torch.zeros(feature_idx.numel(), len(FAMILIES), dtype=torch.long)
     for start in range(0, feature_idx.numel(), feature_chunk):
@@ -318,17 +336,13 @@ def feature_families(
         if not rows.numel():
             continue
         logit_z = logit_effects(backend, sae, feature_idx[cols], standardise=True)
-        for part in rows.split(batch_size):
-            mask = None if attention_mask is None else attention_mask[part]
-            peak = dfa_at_peaks(
-                backend, sae, tokens[part], feature_idx[cols], peaks=peaks[part, cols],
-                attention_mask=mask,
-            )  # fmt: skip
-            fits = context_fits(
-                tokens[part], peaks[part, cols], peak.by_src[:, 0], logit_z, successors=successors,
-                sources=usable[part], thresholds=thresholds,
-            )  # fmt: skip
-            counts[cols] += (fits.cpu() & chosen[part, cols][..., None]).sum(0)
+        at = torch.where(chosen[:, cols], peaks[:, cols], NO_QUERY)  # only chosen contexts
+        peak = dfa_at_peaks(backend, sae, corpus, feature_idx[cols], peaks=at)  # one kernel call
+        fits = context_fits(
+            tokens[rows], peaks[rows, cols], peak.by_src[rows.to(peak.by_src.device)], logit_z,
+            successors=successors, sources=usable[rows], thresholds=thresholds,
+        )  # fmt: skip
+        counts[cols] += (fits.cpu() & chosen[rows, cols][..., None]).sum(0)
     return label_features(counts, chosen.sum(0), feature_idx, thresholds)
 
 
@@ -348,33 +362,14 @@ def usable_positions(
     return usable
 
 
-@torch.no_grad()
 def peak_activations(
-    model: Any,
-    sae: SAE[Any],
-    tokens: Int[Tensor, " N pos"],
-    features: Int[Tensor, " F"],
-    usable: Bool[Tensor, " N pos"],
-    *,
-    attention_mask: Int[Tensor, " N pos"] | None = None,
-    batch_size: int = 16,
+    corpus: Corpus, sae: SAE[Any], features: Int[Tensor, " F"], usable: Bool[Tensor, " N pos"]
 ) -> tuple[Float[Tensor, " N F"], Int[Tensor, " N F"]]:
     """Each (prompt, feature)'s largest activation at a usable position, and that position
-    (−inf and 0 in a prompt without usable positions)."""
-    backend = backend_for(model)
-    site = AttnSite.from_sae(sae, backend)
-    convention = sae_convention(sae, backend.native_convention)
-    values, where = [], []
-    for part in torch.arange(tokens.shape[0]).split(batch_size):
-        mask = None if attention_mask is None else attention_mask[part]
-        z = backend.capture(tokens[part], [site], convention=convention, attention_mask=mask)[
-            site.layer
-        ].z
-        acts = encode_z(sae, z)[..., features.to(z.device)].float().cpu()  # (B, T, F)
-        best = acts.masked_fill(~usable[part][..., None], float("-inf")).max(1)
-        values.append(best.values)
-        where.append(best.indices)
-    return torch.cat(values), torch.cat(where)
+    (−inf and 0 in a prompt without usable positions), from the corpus's one encode."""
+    acts = corpus.activations(sae)[..., features.to(corpus.tokens.device)].float().cpu()
+    best = acts.masked_fill(~usable[..., None], float("-inf")).max(1)
+    return best.values, best.indices
 
 
 def _max_activating(peak_acts: Float[Tensor, " N F"], n_contexts: int) -> Bool[Tensor, " N F"]:

@@ -28,8 +28,19 @@ def head_attribution(sae: SAE[Any], model: Any = None) -> Float[Tensor, " d_sae 
         ValueError: a decoder row holds NaN or infinity, which has no share per head (the message
             lists the features).
     """
-    site = AttnSite.from_sae(sae, model)
-    W_dec = sae.W_dec.detach().float()
+    return decoder_head_shares(sae.W_dec, AttnSite.from_sae(sae, model))
+
+
+@torch.no_grad()
+def decoder_head_shares(
+    W_dec: Float[Tensor, " d_sae d_in"], site: AttnSite
+) -> Float[Tensor, " d_sae n_heads"]:
+    """``head_attribution`` of a decoder ``W_dec`` on ``site``, without an SAE object.
+
+    Raises:
+        ValueError: a decoder row holds NaN or infinity (the message lists the features).
+    """
+    W_dec = W_dec.detach().float()
     check_finite_rows(W_dec)
     norms = W_dec.unflatten(-1, (site.n_heads, site.d_head)).norm(dim=-1)
     total = norms.sum(-1, keepdim=True)

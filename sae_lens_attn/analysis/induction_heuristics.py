@@ -3,9 +3,13 @@
 Selection: a feature's head-attribution share to the layer's induction heads is at least
 ``selection_share``. Behaviour: over up to ``max_contexts`` contexts where the feature fires, a
 context passes when the top-DFA source position s* satisfies ``tokens[s* − 1] == tokens[q]`` with
-``s* − 1 < q`` (the feature reads the token after an earlier occurrence of the current token); a
-feature passes at a pass rate of at least ``pass_rate``. Features with less than ``control_share``
-to the induction heads are the negative control: their pass rate is measured the same way.
+``1 ≤ s* < q`` (the feature reads the token after an earlier occurrence of the current token;
+``sources.follows_earlier_copy``, the test the induction family uses); a feature passes at a pass
+rate of at least ``pass_rate``. Special tokens (the tokenizer's: BOS, an attention sink) are
+never a context's query nor its top source s*, which is the usable source with the largest
+positive DFA contribution (``sources.top_source``); a context without one fails. Features with
+less than ``control_share`` to the induction heads are the negative control: their pass rate is
+measured the same way.
 """
 
 from __future__ import annotations
@@ -18,18 +22,13 @@ from jaxtyping import Bool, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.attribution import (
-    NO_QUERY,
-    _check_sae,
-    attribute,
-    dfa_capture,
-    encode_z,
-)
+from sae_lens_attn.analysis.attribution import NO_QUERY, attribute, dfa_capture, kernel_inputs
+from sae_lens_attn.analysis.families import usable_positions
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
-from sae_lens_attn.validation import check_count, check_features, check_tokens, context_limit
+from sae_lens_attn.analysis.sources import follows_earlier_copy, top_source
+from sae_lens_attn.corpus import Corpus, corpus_of
+from sae_lens_attn.validation import check_count, check_features, context_limit, tokenizer_of
 
 Verdict = Literal["induction", "selected, fails behaviour", "control", "neither"]
 
@@ -85,7 +84,7 @@ class InductionReport:
 def induction_features(
     model: Any,
     sae: SAE[Any],
-    tokens: Int[Tensor, " batch pos"],
+    tokens: Int[Tensor, " batch pos"] | Corpus,
     *,
     features: Int[Tensor, " F"] | list[int] | None = None,
     induction_heads: list[int] | None = None,
@@ -105,7 +104,8 @@ def induction_features(
     Args:
         model: any model a backend supports; ``tokens`` are real text from its distribution.
         sae: a hook_z SAE with a linear encoder.
-        tokens: contexts ``[batch, pos]`` to find the features firing in.
+        tokens: contexts ``[batch, pos]`` to find the features firing in, or a ``Corpus``
+            of them (its capture and encode are shared; padding is never a context).
         features: feature indices to test (default: all).
         induction_heads: heads of the SAE's layer to count as induction heads (default: heads whose
             induction score is at least ``head_score``).
@@ -126,10 +126,9 @@ def induction_features(
     Returns:
         An ``InductionReport``; ``report.induction_features`` are the features judged induction.
     """
-    backend = backend_for(model)
-    site = AttnSite.from_sae(sae, backend)
-    _check_sae(sae)
-    tokens = check_tokens(tokens, backend)
+    corpus = corpus_of(model, tokens)
+    backend, tokens = corpus.backend, corpus.tokens
+    site, whole = dfa_capture(corpus, sae)
     batch_size = check_count("batch_size", batch_size)
     feature_chunk = check_count("feature_chunk", feature_chunk)
     seq_len = induction_seq_len if induction_seq_len is not None else default_seq_len(model)
@@ -155,25 +154,27 @@ def induction_features(
 
     passes = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     tried = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    pattern, values, z_flat = kernel_inputs(whole)
+    every_act = corpus.activations(sae)[..., feature_idx.to(z_flat.device)]  # (N, Q, F)
+    every_act = every_act * corpus.real[..., None].to(every_act.device)  # padding: no context
+    # special tokens (BOS) are never a query nor a top source (``sources``), as in the families
+    usable = usable_positions(tokens, tokenizer=tokenizer_of(backend)) & corpus.real.cpu()
     for start in range(0, tokens.shape[0], batch_size):
-        rows = tokens[start : start + batch_size]
-        cap = dfa_capture(backend, sae, site, rows)
-        assert cap.pattern is not None and cap.values is not None
-        acts = encode_z(sae, cap.z)[..., feature_idx.to(cap.z.device)]  # (B, Q, F)
+        part = slice(start, start + batch_size)
+        rows = tokens[part]
+        acts = every_act[part]  # (B, Q, F)
         for chunk in torch.arange(feature_idx.numel()).split(feature_chunk):
             chunk_features = feature_idx[chunk]
-            query = _contexts(acts[..., chunk] > 0, max_contexts - tried[chunk_features])
+            fired = (acts[..., chunk] > 0) & usable[part, :, None].to(acts.device)
+            query = _contexts(fired, max_contexts - tried[chunk_features])
             if query.shape[1] == 0:
                 continue
             result = attribute(
-                cap.pattern, cap.values, cap.z_flat, sae, site, chunk_features, query,
+                pattern[part], values[part], z_flat[part], sae, site, chunk_features, query,
                 acts=acts[..., chunk],
             )  # fmt: skip
-            top = result.by_src.nan_to_num(float("-inf")).argmax(2)  # (B, C, F): top source s*
-            ids = rows.to(top.device)
-            before_top = ids.gather(1, (top - 1).clamp(min=0).flatten(1)).view_as(top)
-            at_query = ids.gather(1, query.clamp(min=0).flatten(1)).view_as(top)
-            ok = (top >= 1) & (top - 1 < query) & (before_top == at_query)
+            top = top_source(result.by_src.transpose(1, 2), query, usable[part]).position
+            ok = follows_earlier_copy(rows, query, top)  # (B, C, F)
             tested = query >= 0
             passes[chunk_features] += (ok & tested).sum((0, 1)).cpu()
             tried[chunk_features] += tested.sum((0, 1)).cpu()

@@ -23,8 +23,8 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.attribution import compute_dtype
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.sae_adapter import compute_dtype
 from sae_lens_attn.site import AttnSite
 from sae_lens_attn.validation import check_count, check_features, token_texts, tokenizer_of
 

@@ -2,12 +2,13 @@
 
 Kissane et al. (arXiv 2406.17759, §4 and Figure 4a) separate "long-prefix" from "short-prefix"
 induction heads in GPT-2 Small (5.1 vs 5.5). Their synthetic protocol, which ``prefix_induction``
-follows: a row of ``seq_len`` distinct random tokens with BOS first; a span of ``p`` tokens at
-``a1`` is copied to ``a2`` (the token after the first copy, ``a1 + p``, is not part of the copy);
-the head's score is its attention from the end of the second copy, ``a2 + p − 1``, to the token
-after the first copy, ``a1 + p``, averaged over rows. Here ``a1`` is uniform over the positions
-that leave room and ``a2`` uniform over ``a1 + p + 1 .. seq_len − p``, so rows need at least
-``2p + 2`` tokens.
+follows: a row of ``seq_len`` tokens, BOS first and then distinct random tokens (the random-token
+prompts of ``sae_lens_attn.analysis.induction``: the same BOS and candidate ids); a span of ``p``
+tokens at ``a1`` is copied to ``a2`` (the token after the first copy, ``a1 + p``, is not part of
+the copy); the head's score is its attention from the end of the second copy, ``a2 + p − 1``, to
+the token after the first copy, ``a1 + p``, averaged over rows. Here ``a1`` is uniform over the
+positions that leave room and ``a2`` uniform over ``a1 + p + 1 .. seq_len − p``, so rows need at
+least ``2p + 2`` tokens.
 
 On real text (``prefix_events``), an induction event is a head attending more than a threshold
 from a destination ``d`` to a source ``s`` (position 0, BOS, excluded); its prefix length is the
@@ -28,15 +29,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from sae_lens_attn.analysis.induction import bos_token_of, random_token_vocab, random_tokens
 from sae_lens_attn.backends import AttnBackend, backend_for
+from sae_lens_attn.corpus import Corpus, corpus_of
 from sae_lens_attn.validation import (
     as_integer,
     check_count,
-    check_tokens,
     context_limit,
-    special_token_ids,
+    token_texts,
     tokenizer_of,
-    vocab_size,
 )
 
 TokenMatch = Literal["exact", "fuzzy"]
@@ -135,15 +136,16 @@ def prefix_induction(
     seed: int = 0,
     batch_size: int = 32,
     bos_token_id: int | None = None,
+    vocab_size: int | None = None,
     exclude_token_ids: Sequence[int] | None = None,
 ) -> PrefixInduction:
     """Score against prefix length per head, on repeated random tokens (Kissane et al., §4).
 
-    Each row is ``seq_len`` distinct tokens drawn uniformly from the vocabulary (special tokens
-    excluded) with BOS first, in which a span of ``p`` tokens at ``a1`` is repeated at ``a2``;
-    the score is the attention from ``a2 + p − 1`` to ``a1 + p`` (module docstring). A
-    short-prefix induction head scores high from ``p = 1``; a long-prefix head only once ``p``
-    is 2 or more.
+    Each row is BOS followed by ``seq_len − 1`` distinct tokens drawn uniformly from the
+    vocabulary (special tokens and BOS excluded, as for ``induction_scores``), in which a span of
+    ``p`` tokens at ``a1`` is repeated at ``a2``; the score is the attention from ``a2 + p − 1``
+    to ``a1 + p`` (module docstring). A short-prefix induction head scores high from ``p = 1``; a
+    long-prefix head only once ``p`` is 2 or more.
 
     Args:
         model: a HookedTransformer, or a Hugging Face causal LM with eager attention (plain or
@@ -154,8 +156,10 @@ def prefix_induction(
         n_samples: rows per prefix length (Kissane et al. use 400).
         seed: seed of the rows; the same seed gives the same rows.
         batch_size: rows per forward pass.
-        bos_token_id: BOS id (default: the tokenizer's).
-        exclude_token_ids: ids never drawn (default: the tokenizer's special tokens).
+        bos_token_id: BOS id (default: the tokenizer's; see ``induction.bos_token_of``).
+        vocab_size: ids ``0..vocab_size-1`` are candidates (default: the model's vocabulary).
+        exclude_token_ids: ids never drawn (default: the tokenizer's special tokens; BOS is never
+            drawn; see ``induction.random_token_vocab``).
 
     Returns:
         A ``PrefixInduction`` with ``scores [len(layers), n_heads, len(prefix_lengths)]``.
@@ -174,9 +178,10 @@ def prefix_induction(
     seq_len = _seq_len(model, seq_len, max(lengths))
     n_samples = check_count("n_samples", n_samples)
     batch_size = check_count("batch_size", batch_size)
-    tokenizer = tokenizer_of(model)
-    bos = _bos(tokenizer, bos_token_id)
-    candidates = _candidates(model, tokenizer, bos, exclude_token_ids)
+    bos = bos_token_of(model, bos_token_id)
+    candidates = random_token_vocab(
+        model, bos, vocab_size=vocab_size, exclude_token_ids=exclude_token_ids
+    )
     if candidates.numel() < seq_len - 1:
         raise ValueError(
             f"rows of {seq_len} tokens need {seq_len - 1} distinct candidate tokens after BOS, "
@@ -215,10 +220,13 @@ def _repeated_spans(
     generator: torch.Generator,
 ) -> tuple[Int[Tensor, "n seq_len"], Int[Tensor, " n"], Int[Tensor, " n"]]:
     """Rows of distinct tokens with a span of ``p`` repeated, and each row's (dest, src)."""
-    weights = torch.ones(n_samples, candidates.numel())
-    drawn = torch.multinomial(weights, seq_len - 1, replacement=False, generator=generator)
-    tokens = torch.cat(
-        [torch.full((n_samples, 1), bos, dtype=torch.long), candidates[drawn]], dim=1
+    tokens = random_tokens(
+        candidates,
+        bos_token_id=bos,
+        n_samples=n_samples,
+        length=seq_len - 1,
+        generator=generator,
+        distinct=True,
     )
     # a1 in 1..seq_len-2p-1, then a2 in a1+p+1..seq_len-p (uniform, inclusive)
     a1 = 1 + (torch.rand(n_samples, generator=generator) * (seq_len - 2 * p - 1)).long()
@@ -233,7 +241,7 @@ def _repeated_spans(
 @torch.no_grad()
 def prefix_events(
     model: Any,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | Corpus,
     layers: Sequence[int] | None = None,
     *,
     threshold: float = 0.3,
@@ -254,7 +262,7 @@ def prefix_events(
 
     Args:
         model: a HookedTransformer, or a Hugging Face causal LM with eager attention.
-        tokens: token ids ``[batch, pos]``.
+        tokens: token ids ``[batch, pos]``, or a ``Corpus`` of them (its capture is shared).
         layers: layers whose heads are examined (default: all).
         threshold: attention above which an event counts (Kissane et al. use 0.3).
         match: ``"exact"`` ids, or ``"fuzzy"``: the same text up to case and a leading space.
@@ -269,8 +277,8 @@ def prefix_events(
     Raises:
         ValueError: bad tokens, threshold, match, or ``"fuzzy"`` without a tokenizer.
     """
-    backend = backend_for(model)
-    tokens = check_tokens(tokens, model)
+    corpus = corpus_of(model, tokens, batch_size=check_count("batch_size", batch_size))
+    backend, tokens = corpus.backend, corpus.tokens
     sites = [backend.site(layer) for layer in _layers(layers, backend)]
     if not 0 <= float(threshold) < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
@@ -282,10 +290,11 @@ def prefix_events(
     classes = token_classes(tokens, match, tokenizer)
     found: list[Tensor] = []
     attention: list[Tensor] = []
+    captures = corpus.capture_many(sites, backend.native_convention, pattern=True)
     for start in range(0, tokens.shape[0], batch_size):
-        captures = backend.capture(tokens[start : start + batch_size], sites, pattern=True)
         for site in sites:
-            pattern = _pattern(captures[site.layer].pattern, backend, site.layer).float().cpu()
+            rows = captures[site.layer].pattern[start : start + batch_size]  # type: ignore[index]
+            pattern = _pattern(rows, backend, site.layer).float().cpu()
             above = pattern > threshold
             above[..., 0] = False  # BOS
             b, h, d, s = above.nonzero(as_tuple=True)
@@ -322,7 +331,7 @@ def token_classes(tokens: Tensor, match: TokenMatch, tokenizer: Any) -> Int[Tens
             "match='exact'"
         )
     unique = tokens.unique()
-    keys = [tokenizer.decode([int(t)]).removeprefix(" ").casefold() for t in unique]
+    keys = [text.removeprefix(" ").casefold() for text in token_texts(tokenizer, unique.tolist())]
     class_of = {key: i for i, key in enumerate(dict.fromkeys(keys))}
     lookup = torch.zeros(int(unique.max()) + 1, dtype=torch.long)
     lookup[unique] = torch.tensor([class_of[key] for key in keys])
@@ -450,31 +459,6 @@ def _seq_len(model: Any, seq_len: int | None, longest: int) -> int:
             + f"; valid prefix lengths: 1..{(seq_len - 2) // 2}"
         )
     return seq_len
-
-
-def _bos(tokenizer: Any, bos_token_id: int | None) -> int:
-    if bos_token_id is not None:
-        return check_count("bos_token_id", bos_token_id, minimum=0)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        raise ValueError("the model has no tokenizer with a bos_token_id; pass bos_token_id=")
-    return int(bos)
-
-
-def _candidates(
-    model: Any, tokenizer: Any, bos: int, exclude_token_ids: Sequence[int] | None
-) -> Int[Tensor, " V"]:
-    size = vocab_size(model)
-    if size is None:
-        raise ValueError(f"cannot find the vocabulary size of a {type(model).__name__}")
-    excluded = (
-        list(exclude_token_ids)
-        if exclude_token_ids is not None
-        else special_token_ids(tokenizer) or [bos]
-    )
-    keep = torch.ones(size, dtype=torch.bool)
-    keep[[i for i in [*excluded, bos] if 0 <= i < size]] = False
-    return keep.nonzero().squeeze(1)
 
 
 def _pattern(pattern: Tensor | None, backend: AttnBackend, layer: int) -> Tensor:

@@ -17,6 +17,7 @@ as in Kissane et al.'s "at least 90% of GPT-2 Small's heads".
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,8 +37,10 @@ from sae_lens_attn.analysis.families import (
 )
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.backends import backend_for
+from sae_lens_attn.corpus import Corpus, corpus_of
+from sae_lens_attn.sae_adapter import sae_convention
 from sae_lens_attn.site import AttnSite
-from sae_lens_attn.validation import check_count, check_features, check_tokens, tokenizer_of
+from sae_lens_attn.validation import check_count, check_features, tokenizer_of
 
 Verdict = Literal["polysemantic", "monosemantic", "undetermined"]
 UNLABELLED = "unlabelled"
@@ -130,17 +133,19 @@ def head_features(
     pool = check_features(candidates, sae.cfg.d_sae)
     shares = head_attribution(sae, model)[pool].T  # (H, C)
     top = shares.topk(min(k, pool.numel()), dim=-1)
-    features = pool[top.indices]
-    labels = confidences = None
-    if families is not None:
-        labels = tuple(
-            tuple(families.labels.get(f, UNLABELLED) for f in row) for row in features.tolist()
-        )
-        confidences = tuple(
-            tuple(families.confidence(f) if f in families.labels else float("nan") for f in row)
-            for row in features.tolist()
-        )
-    return HeadFeatures(site.layer, features, top.values, labels, confidences)
+    found = HeadFeatures(site.layer, pool[top.indices], top.values, None, None)
+    return found if families is None else with_labels(found, families)
+
+
+def with_labels(top: HeadFeatures, families: FeatureFamilies) -> HeadFeatures:
+    """``top`` with the family label and confidence of each of its features."""
+    rows = top.features.tolist()
+    labels = tuple(tuple(families.labels.get(f, UNLABELLED) for f in row) for row in rows)
+    confidences = tuple(
+        tuple(families.confidence(f) if f in families.labels else float("nan") for f in row)
+        for row in rows
+    )
+    return dataclasses.replace(top, labels=labels, confidences=confidences)
 
 
 def head_verdict(
@@ -163,7 +168,7 @@ def head_verdict(
 def polysemanticity(
     model: Any,
     sae: SAE[Any] | Sequence[SAE[Any]],
-    tokens: Int[Tensor, " batch pos"],
+    tokens: Int[Tensor, " batch pos"] | Corpus,
     *,
     k: int = 10,
     confidence: float = 0.5,
@@ -179,7 +184,8 @@ def polysemanticity(
     Args:
         model: any model a backend supports, with an unembedding.
         sae: a hook_z SAE, or one per layer (a release): the fraction is over all their heads.
-        tokens: contexts ``[batch, pos]`` from the model's distribution.
+        tokens: contexts ``[batch, pos]`` from the model's distribution, or a ``Corpus`` of
+            them (one capture of every SAE's layer, one encode per SAE, shared).
         k: top features per head.
         confidence: least label confidence that counts, in [0, 1].
         thresholds: the family tests' thresholds (default: ``FamilyThresholds()``).
@@ -208,25 +214,23 @@ def polysemanticity(
     layers = [site.layer for site in sites]
     if len(set(layers)) != len(layers):
         raise ValueError(f"give at most one SAE per layer; the SAEs' layers are {layers}")
-    tokens = check_tokens(tokens, backend)
+    corpus = corpus_of(backend, tokens, attention_mask, batch_size=batch_size)
+    corpus.capture_many(sites, sae_convention(saes[0], backend.native_convention))
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(backend)
     usable = usable_positions(
-        tokens, tokenizer=tokenizer, ignore_tokens=ignore_tokens, attention_mask=attention_mask
-    )
+        corpus.tokens, tokenizer=tokenizer, ignore_tokens=ignore_tokens,
+        attention_mask=corpus.attention_mask,
+    )  # fmt: skip
     options: dict[str, Any] = {
         "thresholds": thresholds, "n_contexts": n_contexts, "tokenizer": tokenizer,
-        "ignore_tokens": ignore_tokens, "attention_mask": attention_mask,
-        "batch_size": batch_size,
+        "ignore_tokens": ignore_tokens,
     }  # fmt: skip
     verdicts: list[HeadVerdict] = []
     tops: list[HeadFeatures] = []
     labelled: list[FeatureFamilies] = []
     for one, site in sorted(zip(saes, sites, strict=True), key=lambda pair: pair[1].layer):
         every = torch.arange(one.cfg.d_sae)
-        peak_acts, _ = peak_activations(
-            backend, one, tokens, every, usable, attention_mask=attention_mask,
-            batch_size=batch_size,
-        )  # fmt: skip
+        peak_acts, _ = peak_activations(corpus, one, every, usable)
         fire = every[(peak_acts > 0).any(0)]
         if not fire.numel():
             raise ValueError(
@@ -235,9 +239,9 @@ def polysemanticity(
             )
         top = head_features(one, backend, k, candidates=fire)
         families = feature_families(
-            backend, one, tokens, top.features.flatten().unique(), **options
+            backend, one, corpus, top.features.flatten().unique(), **options
         )
-        top = head_features(one, backend, k, families=families, candidates=fire)
+        top = with_labels(top, families)
         assert top.labels is not None and top.confidences is not None
         for head in range(site.n_heads):
             verdict, names = head_verdict(top.labels[head], top.confidences[head], confidence)

@@ -7,23 +7,26 @@ For an attention SAE feature f of layer L at query position q (DFA, DESIGN.md):
 
 With the pattern A, the SAE's input scale n[q] and the norm scale σ[s] frozen, ``v_h[s]`` is
 affine in the residual stream x[s] (``residual_parts``): ``v_h[s] = (γ ⊙ P x[s] / σ[s])·W_V[h]
-(+ b_V'[h] in the "included" value-bias convention)``. So ``pre_f[q] = Σ_s x[s]·u_s + value
-bias + c_f`` with ``u_s = P(γ ⊙ Σ_h n[q] A_h[q,s] W_V[h] w_h) / σ[s]``, and every additive part of
-x[s] gets the contribution ``part · u_s``: the token and position embeddings, each earlier
-layer's MLP output, and each earlier layer's attention output, split through its SAE as
+(+ b_V'[h] where z holds the value bias)``. So ``pre_f[q] = Σ_s x[s]·u_s + value bias + c_f`` with
+``u_s = P(γ ⊙ Σ_h n[q] A_h[q,s] W_V[h] w_h) / σ[s]``, and every additive part of x[s] gets the
+contribution ``part · u_s``: the token and position embeddings, each earlier layer's MLP output,
+and each earlier layer's attention output ``z·W_O + b_O``, with z split through its SAE by
+SAELens's own encode and decode:
 
-    attn_out_l[s] = Σ_g a_g[s]·o[s]·W_dec'[g]·W_O + (b_dec·o[s] + μ[s])·W_O + err[s]·W_O
-                    + (b_O + [folded] b_V'·W_O)
+    z[s] − [folded] b_V' = decode(a[s]) + err[s],    decode(a[s]) = Σ_g part_g[s] + dec_bias[s]
 
-(``a_g`` the SAE's activations, ``W_dec'`` its decoder as it decodes them, ``o`` and ``μ`` its
-output normalisation: 1 and 0 without one; ``err`` what the SAE does not reconstruct). A layer
-without an SAE contributes its whole attention output as one error term, and the result says so.
+(``a`` the SAE's activations, ``err`` what it does not reconstruct). Decode is affine in ``a`` at
+each position (its output normalisation frozen at the encode, as SAELens freezes it), so feature
+g's part read by ``r_s = u_s·W_Oᵀ`` is ``a_g[s] · ∂(decode(a)[s]·r_s)/∂a_g[s]``, one
+vector-Jacobian product of decode per node and layer, and ``dec_bias[s]·r_s`` (the decoder bias,
+with any output normalisation) is what decode adds beyond its features. A layer without an SAE
+contributes its whole attention output as one error term, and the result says so.
 
-A feature row ``a_g[s]·o[s]·W_dec'[g]·W_O·u_s`` equals ``pre_g[s] · m`` with
-``m = o[s]·W_dec[g]·W_O·u_s`` (an active feature's activation is its pre-activation, times
-``‖W_dec[g]‖`` for TopK SAEs that rescale by it, which ``W_dec'`` divides out). Expanding it runs
-the same split for feature g at position s of its own layer; its children are that split times
-``m``, so a row's children plus its ``children_bias`` (``m · c_g``) equal its value.
+A feature row equals ``pre_g[s] · m`` with ``m = value / pre_g[s]`` (``o[s]·W_dec[g]·W_O·u_s``
+where the activation of an active feature is its pre-activation, times ``‖W_dec[g]‖`` for TopK
+SAEs that rescale by it). Expanding it runs the same split for feature g at position s of its own
+layer; its children are that split times ``m``, so a row's children plus its ``children_bias``
+(``m · c_g``) equal its value.
 
 Invariant (exact up to float error, with A, n and σ frozen): the top-level contributions plus
 ``bias`` equal ``pre_act``, SAELens's ``hook_sae_acts_pre`` on the model's own forward.
@@ -32,7 +35,7 @@ Invariant (exact up to float error, with A, n and σ frozen): the top-level cont
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -41,10 +44,11 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from sae_lens_attn.analysis.attribution import dfa, encode_z, sae_convention
+from sae_lens_attn.analysis.attribution import dfa
 from sae_lens_attn.analysis.residual_parts import LayerMaps, ResidualParts, read_residual_parts
 from sae_lens_attn.backends import AttnBackend, backend_for
-from sae_lens_attn.site import AttnSite
+from sae_lens_attn.sae_adapter import encode_z, sae_convention
+from sae_lens_attn.site import saes_by_layer
 from sae_lens_attn.validation import as_integer, check_count, check_features, check_tokens
 
 ContributionKind = Literal[
@@ -161,8 +165,8 @@ def rdfa(
     """Split a feature's pre-activation over every upstream part of the residual stream.
 
     Args:
-        model: a HookedTransformer, or a Hugging Face causal LM with eager attention (plain or
-            nnsight) whose layers are pre-norm (module ``residual_parts``).
+        model: a HookedTransformer, a TransformerBridge, or a Hugging Face causal LM (plain
+            or nnsight) whose layers are pre-norm (module ``residual_parts``).
         saes: hook_z SAEs of this model: one per layer (a list, or a mapping layer → SAE); the
             layer ``layer`` must have one. An earlier layer without one counts its whole
             attention output as an error term (the result's ``notes`` say so).
@@ -179,8 +183,9 @@ def rdfa(
 
     Raises:
         ValueError: no SAE for ``layer``, two SAEs for one layer, an SAE of another model,
-            bad tokens, feature or position, or a model whose residual stream is not a sum
-            of parts.
+            bad tokens, feature or position.
+        UnsupportedModelError: a model whose residual stream is not a sum of parts, or a
+            backend that does not read it (the message names the backend and what serves).
 
     Examples:
         >>> result = sla.analysis.rdfa(model, [sae0, sae1], tokens, layer=1, feature=253, position=40)
@@ -188,7 +193,7 @@ def rdfa(
     """
     backend = backend_for(model)
     row = _prompt_row(tokens, model, prompt)
-    by_layer = _saes_by_layer(saes, backend)
+    by_layer = saes_by_layer(saes, backend)
     site = backend.site(layer)
     if site.layer not in by_layer:
         raise ValueError(
@@ -236,45 +241,42 @@ def rdfa(
 
 @dataclass(frozen=True)
 class _Decomposition:
-    """One upstream layer's z split through its SAE at every position."""
+    """One upstream layer's z through its SAE at every position, by SAELens's own encode and
+    decode: ``z − shift = recon + error``."""
 
     acts: Float[Tensor, " pos d_sae"]
-    decoder: Float[Tensor, " d_sae d_in"]
-    """``W_dec'``: the decoder rows as the SAE multiplies its activations by them."""
-    raw_decoder: Float[Tensor, " d_sae d_in"]
-    out_scale: Float[Tensor, " pos"]
-    offset: Float[Tensor, " pos d_in"]
+    """The SAE's activations (``encode``)."""
+    recon: Float[Tensor, " pos d_in"]
+    """``decode(acts)``."""
     error: Float[Tensor, " pos d_in"]
     shift: Float[Tensor, " d_in"]
     """``b_V'`` (flattened) where the SAE reads folded z, else 0: z = z_sae + shift."""
+    pullback: Callable[[Tensor], Tensor]
+    """``r [pos, d_in] ↦ ∂(Σ_s decode(acts)[s]·r[s]) / ∂acts [pos, d_sae]`` (the SAE's device
+    and dtype): feature g adds ``acts[s, g] · that[s, g]`` to ``recon[s]·r[s]``."""
 
 
 def _decomposition(maps: LayerMaps, sae: SAE[Any], backend: AttnBackend) -> _Decomposition:
     folded = sae_convention(sae, backend.native_convention) == "folded"
     shift = maps.value_bias.flatten() if folded else torch.zeros(maps.W_O.shape[0]).double()
-    z = maps.z.flatten(-2) - shift  # (pos, d_in): what the SAE reads
-    device = sae.W_dec.device
-    acts = encode_z(sae, z.unflatten(-1, maps.z.shape[-2:]).to(device)).detach().cpu().double()
-    raw = sae.W_dec.detach().cpu().double()
-    decoder = raw / raw.norm(dim=-1, keepdim=True) if _rescales(sae) else raw
-    b_dec = sae.b_dec.detach().cpu().double()
-    norm = sae.cfg.normalize_activations
-    if norm == "constant_norm_rescale":
-        out_scale = z.norm(dim=-1) / z.shape[-1] ** 0.5
-        offset = b_dec * out_scale[:, None]
-    elif norm == "layer_norm":
-        mean = z.mean(-1, keepdim=True)
-        out_scale = (z - mean).std(dim=-1)
-        offset = b_dec * out_scale[:, None] + mean
-    else:  # "none", and flags SAELens applies outside the SAE (as DFA reads them)
-        out_scale = torch.ones(z.shape[0], dtype=z.dtype)
-        offset = b_dec.expand_as(z)
-    error = z - (acts * out_scale[:, None]) @ decoder - offset
-    return _Decomposition(acts, decoder, raw, out_scale, offset, error, shift)
+    z = maps.z - shift.view(maps.z.shape[-2:])  # (pos, H, D): what the SAE reads
+    acts = encode_z(sae, z.to(sae.W_dec.device)).detach()  # sets decode's output normalisation
+    leaf = acts.clone().requires_grad_(True)
+    with torch.enable_grad():
+        recon = sae.decode(leaf).reshape(len(z), -1)  # (pos, d_in), in that normalisation
 
+    def pullback(r: Tensor) -> Tensor:
+        (grad,) = torch.autograd.grad(recon, leaf, grad_outputs=r.to(recon), retain_graph=True)
+        return grad
 
-def _rescales(sae: SAE[Any]) -> bool:
-    return bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
+    recon_cpu = recon.detach().cpu().double()
+    return _Decomposition(
+        acts=acts.cpu().double(),
+        recon=recon_cpu,
+        error=z.flatten(-2) - recon_cpu,
+        shift=shift,
+        pullback=pullback,
+    )
 
 
 @dataclass(frozen=True)
@@ -285,8 +287,6 @@ class _Row:
     position: int
     feature: int | None = None
     activation: float | None = None
-    scale: float = 0.0
-    """``m``: the row's value per unit of the feature's pre-activation."""
 
 
 @dataclass(frozen=True)
@@ -403,25 +403,25 @@ def _split(
         lower = parts.layers[below]
         split = upstream.get(below)
         if split is None:
+            assert lower.attn_out is not None  # read below the top layer
             per_source("sae_error", (lower.attn_out[:n_src] * u).sum(-1), below)
             continue
         r = u @ lower.W_O.T  # (S, d_in): what a unit of z at s contributes
         per_source("attention_bias", u @ lower.b_O + r @ split.shift, below)
-        per_source("sae_decoder_bias", (split.offset[:n_src] * r).sum(-1), below)
         per_source("sae_error", (split.error[:n_src] * r).sum(-1), below)
+        reads = torch.zeros_like(split.recon)
+        reads[:n_src] = r
+        grad = split.pullback(reads)  # (pos, d_sae)
         src, feats = split.acts[:n_src].nonzero(as_tuple=True)
-        along = (split.decoder[feats] * r[src]).sum(-1)
-        scale = split.out_scale[src] * (split.raw_decoder[feats] * r[src]).sum(-1)
         acts = split.acts[src, feats]
-        for s, g, a, v, m in zip(
-            src.tolist(),
-            feats.tolist(),
-            acts.tolist(),
-            (acts * split.out_scale[src] * along).tolist(),
-            scale.tolist(),
-            strict=True,
+        values = acts * grad[src.to(grad.device), feats.to(grad.device)].cpu().double()
+        features = torch.zeros(n_src, dtype=values.dtype).index_add_(0, src, values)
+        # what decode adds beyond its features: its bias, with any output normalisation
+        per_source("sae_decoder_bias", (split.recon[:n_src] * r).sum(-1) - features, below)
+        for s, g, a, v in zip(
+            src.tolist(), feats.tolist(), acts.tolist(), values.tolist(), strict=True
         ):
-            rows.append(_Row("feature", v, below, s, g, a, m))
+            rows.append(_Row("feature", v, below, s, g, a))
     return tuple(sorted(rows, key=lambda r: -abs(r.value)))
 
 
@@ -444,11 +444,11 @@ def _tree(
         children_bias = 0.0
         if index in node.expanded and (max_depth is None or level < max_depth):
             assert row.layer is not None and row.feature is not None
-            child_key = (row.layer, row.feature, row.position)
-            children = tuple(
-                _scaled(c, row.scale) for c in _tree(nodes, child_key, level + 1, max_depth)
-            )
-            children_bias = row.scale * nodes[child_key].bias
+            child = (row.layer, row.feature, row.position)
+            pre = nodes[child].pre_act
+            m = row.value / pre if pre else 0.0  # the row per unit of the child's pre-activation
+            children = tuple(_scaled(c, m) for c in _tree(nodes, child, level + 1, max_depth))
+            children_bias = m * nodes[child].bias
         out.append(
             Contribution(
                 kind=row.kind,
@@ -492,27 +492,6 @@ def _position(position: Any, n_pos: int) -> int:
             f"position must be a query position in 0..{n_pos - 1} of the prompt, got {position!r}"
         )
     return index
-
-
-def _saes_by_layer(
-    saes: Mapping[int, SAE[Any]] | Sequence[SAE[Any]] | SAE[Any], backend: AttnBackend
-) -> dict[int, SAE[Any]]:
-    if isinstance(saes, SAE):
-        saes = [saes]
-    items = list(saes.items()) if isinstance(saes, Mapping) else [(None, s) for s in saes]
-    by_layer: dict[int, SAE[Any]] = {}
-    for given, sae in items:
-        if not isinstance(sae, SAE):
-            raise TypeError(f"saes must hold SAELens SAEs, got {type(sae).__name__}")
-        layer = AttnSite.from_sae(sae, backend).layer
-        if given is not None and given != layer:
-            raise ValueError(f"the SAE given for layer {given} reads layer {layer}")
-        if layer in by_layer:
-            raise ValueError(f"two SAEs for layer {layer}: give one SAE per layer")
-        by_layer[layer] = sae
-    if not by_layer:
-        raise ValueError("saes is empty: give at least the SAE of the feature's layer")
-    return by_layer
 
 
 def _show(tokenizer: Any, token: int) -> str:

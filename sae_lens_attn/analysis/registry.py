@@ -13,12 +13,15 @@ named tables (lists of records), with a ``description``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
 from torch import Tensor
+
+from sae_lens_attn.corpus import CAPTURE_EXTRAS, CaptureExtra, Corpus
 
 ENTRY_POINT_GROUP = "sae_lens_attn.analyzers"
 _OWN = "sae-lens-attn"
@@ -45,13 +48,49 @@ class AnalysisInput:
     options: Mapping[str, Any] = field(default_factory=dict)
     """Analyzer-specific options, e.g. ``features``."""
 
+    @cached_property
+    def corpus(self) -> Corpus:
+        """``tokens`` seen through ``model``: one capture per layer and one encode per SAE,
+        shared by every analyzer given these inputs (``from_corpus`` shares a command's)."""
+        return Corpus(self.model, self.tokens, self.attention_mask, keep=CAPTURE_EXTRAS)
+
+    @classmethod
+    def from_corpus(
+        cls,
+        corpus: Corpus,
+        sae: Any,
+        *,
+        tokenizer: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> AnalysisInput:
+        """Inputs over a corpus a command already holds (its captures and encodes shared)."""
+        inputs = cls(
+            corpus.backend, sae, corpus.tokens, tokenizer, corpus.attention_mask, options or {}
+        )
+        inputs.__dict__["corpus"] = corpus  # what ``cached_property`` would have computed
+        return inputs
+
 
 class Analyzer(Protocol):
-    """A named analysis over a model, an SAE and tokens."""
+    """A named analysis over a model, an SAE and tokens.
+
+    An analyzer may also say what it needs of each capture beside z, as ``needs`` (a subset of
+    ``CAPTURE_EXTRAS``: ``"pattern"``, ``"values"``); a command asks for all of it in its one
+    capture. Without ``needs``, everything is kept.
+    """
 
     description: str
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]: ...
+
+
+def capture_needs(analyzers: Iterable[object]) -> frozenset[CaptureExtra]:
+    """What one capture must hold beside z for all of ``analyzers`` (their ``needs``; all of
+    ``CAPTURE_EXTRAS`` for one that does not say)."""
+    needed: set[CaptureExtra] = set()
+    for analyzer in analyzers:
+        needed |= set(getattr(analyzer, "needs", CAPTURE_EXTRAS))
+    return frozenset(needed)
 
 
 _registry: dict[str, Analyzer] = {}

@@ -214,6 +214,23 @@ class HFArchitecture:
             )
         return None
 
+    def residual_refusal(self, config: Any = None) -> str | None:
+        """Why the residual stream of a model of this layout (and ``config``) is not a sum of
+        parts that its values read through their attention norm (a clause about "its"), or
+        ``None`` when it is: pre-norm layers whose attention output joins the stream as it is,
+        with values affine in the normed stream and a folded convention (recursive DFA)."""
+        if not self.norm_feeds_values(config):
+            return (
+                "its values do not read a norm of the residual stream that comes before "
+                "attention (post-LN, or norms only after the sublayers), so the stream is not a "
+                "sum of parts they read"
+            )
+        if self.sublayer_norms:
+            return (
+                "its attention output passes through a norm of its own before joining the residual"
+            )
+        return self.folded_refusal(config)
+
     def read_values(
         self,
         out: Float[Tensor, " *batch width"],

@@ -1,10 +1,12 @@
-"""What every backend provides: captures of (z, pattern, values) and splices of z, per site."""
+"""What every backend provides: captures of (z, pattern, values) and splices of z, per site, and
+the residual stream read as a sum of parts (``capture_residual``, with the weights that map it to
+the values and back: ``attn_norm``, ``values_weight``, ``out_proj_weight``, ``out_proj_bias``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
@@ -13,10 +15,23 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from sae_lens_attn.site import VALUE_BIAS_CONVENTIONS, AttnSite, ValueBiasConvention, check_layer
+from sae_lens_attn.site import (
+    POS_EMBED_HOOK_NAME,
+    VALUE_BIAS_CONVENTIONS,
+    AttnSite,
+    ValueBiasConvention,
+    check_layer,
+)
 
 ZReplacement = Callable[[Float[Tensor, " batch pos n_heads d_head"]], Tensor]
 """Maps z (in the requested value-bias convention) to the z the model should use instead."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model, through its backend, cannot serve an analysis (e.g. its residual stream is not a
+    sum of parts, or its backend does not read it). The message names the backend and what would
+    serve. A ``ValueError``, so that callers that treat it as bad input keep working; callers
+    that show an analysis when it can be made (dashboard panels) catch this type alone."""
 
 
 class AttnCapture(NamedTuple):
@@ -116,6 +131,68 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, TorchForwardHook]]) -> Iterat
     finally:
         for handle in handles:
             handle.remove()
+
+
+class AttnNorm(NamedTuple):
+    """The norm whose output a layer's values read, as the model holds it now: with x the
+    residual stream and σ its scale at each position, ``norm(x) = weight ⊙ P x / σ + β``."""
+
+    weight: Float[Tensor, " d_model"]
+    """γ: the norm's gain (ones where it has none)."""
+    centres: bool
+    """Whether ``P`` subtracts the mean over ``d_model`` first (LayerNorm), or not (RMSNorm)."""
+
+
+ResidualKind = Literal["resid_pre", "norm_scale", "attn_out", "position_embedding"]
+"""What a residual read holds (the fields of ``ResidualCapture``)."""
+ResidualKey = tuple[ResidualKind, int]
+"""A residual read and its layer (0 for the model's position embeddings)."""
+
+
+class ResidualCapture(NamedTuple):
+    """One forward pass read as the parts of the residual stream, up to one layer's attention
+    (``AttnBackend.capture_residual``)."""
+
+    resid_pre: tuple[Float[Tensor, " batch pos d_model"], ...]
+    """Layers ``0..top``: the residual stream entering each layer (its attention norm's input)."""
+    norm_scale: tuple[Float[Tensor, " batch pos"], ...]
+    """Layers ``0..top``: σ, the attention norm's scale at each position (ones without a norm)."""
+    attn_out: tuple[Float[Tensor, " batch pos d_model"], ...]
+    """Layers ``0..top-1``: what each attention adds to the residual stream."""
+    position_embedding: Float[Tensor, " batch pos d_model"] | None
+    """The learned position embeddings added to the residual stream; ``None`` where positions
+    do not enter it (rotary, ALiBi, shortformer)."""
+    attention: Captures
+    """z, patterns and values of layers ``0..top`` from the same pass, z as the model computes
+    it (its native value-bias convention: ``value_bias`` is what z holds of ``b_V'``)."""
+
+
+def residual_hook_names(
+    sites: Sequence[AttnSite], *, norm: bool, positions: bool
+) -> list[tuple[ResidualKey, str]]:
+    """The TransformerLens hooks holding ``capture_residual``'s reads for ``sites`` (layers
+    ``0..top`` in order): ``norm``, whether the layers have an attention norm (``ln1``);
+    ``positions``, whether learned position embeddings join the residual stream."""
+    top = sites[-1].layer
+    names: list[tuple[ResidualKey, str]] = []
+    if positions:
+        names.append((("position_embedding", 0), POS_EMBED_HOOK_NAME))
+    for site in sites:
+        names.append((("resid_pre", site.layer), site.resid_pre_hook_name))
+        if norm:
+            names.append((("norm_scale", site.layer), site.attn_norm_scale_hook_name))
+        if site.layer < top:
+            names.append((("attn_out", site.layer), site.attn_out_hook_name))
+    return names
+
+
+def keep_output(store: dict[ResidualKey, Tensor], key: ResidualKey) -> TorchForwardHook:
+    """A torch forward hook that keeps a detached copy of its module's output under ``key``."""
+
+    def keep(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+        store[key] = output.detach()
+
+    return keep
 
 
 InterventionKind = Literal["z", "values", "patterns"]
@@ -298,6 +375,111 @@ class AttnBackend(ABC):
     ) -> Float[Tensor, " batch pos d_vocab"] | None:
         """Run the model on ``tokens`` and return its logits; with ``stop_at_layer=n``, stop once
         layers ``0..n-1`` have given what the active captures need, and return ``None``."""
+
+    @property
+    def has_mlp(self) -> bool:
+        """Whether each block adds an MLP output to the residual stream (``False``: the stream
+        changes between layers by the attention output alone)."""
+        return True
+
+    def attn_norm(self, layer: int) -> AttnNorm | None:
+        """The norm whose output the values of ``layer`` read, or ``None`` where they read the
+        residual stream itself (no norm, or one that follows attention: post-LN).
+
+        Raises:
+            UnsupportedModelError: the backend does not read it.
+        """
+        raise self._unsupported("attention norms")
+
+    def values_weight(self, layer: int) -> Float[Tensor, " n_heads d_model d_head"]:
+        """W_V of ``layer`` per query head (grouped KV heads expanded) as the model holds it now:
+        head h's values are ``(γ ⊙ P x / σ) @ W_V[h] + value_bias[h]`` (``attn_norm``).
+
+        Raises:
+            UnsupportedModelError: the backend does not read it, or no module holds W_V alone.
+        """
+        raise self._unsupported("value weights")
+
+    def out_proj_bias(self, layer: int) -> Float[Tensor, " d_model"]:
+        """b_O of ``layer`` as the model holds it now (zeros where it has none):
+        ``z_cat @ out_proj_weight(layer) + b_O`` is what the attention adds to the residual.
+
+        Raises:
+            UnsupportedModelError: the backend does not read it.
+        """
+        raise self._unsupported("output-projection biases")
+
+    @torch.no_grad()
+    def capture_residual(self, tokens: Int[Tensor, " batch pos"], top: int) -> ResidualCapture:
+        """One forward pass, stopped after layer ``top``'s attention, read as the parts of the
+        residual stream (``ResidualCapture``) with z, patterns and values of layers ``0..top``.
+
+        Raises:
+            ValueError: ``top`` is out of range.
+            UnsupportedModelError: the backend does not read the residual stream, or the
+                model's is not read this way (the message says why and what would serve).
+        """
+        sites = [self.site(layer) for layer in range(self.site(top).layer + 1)]
+        store: dict[ResidualKey, Tensor] = {}
+        hooks = list(self._residual_hooks(sites, store))  # refusals come before the pass
+        convention = self.native_convention  # z as the model computes it
+        with (
+            self.capturing(sites, pattern=True, values=True, convention=convention) as attention,
+            forward_hooks(hooks),
+        ):
+            self.forward(tokens, stop_at_layer=top + 1)
+
+        def read(kind: ResidualKind, layer: int) -> Tensor:
+            if (kind, layer) not in store:
+                raise RuntimeError(
+                    f"the forward pass gave no {kind} of layer {layer} on backend {self.name!r}: "
+                    "its residual hooks did not fire"
+                )
+            return store[kind, layer]
+
+        resid = tuple(read("resid_pre", site.layer) for site in sites)
+        scales = tuple(
+            read("norm_scale", site.layer).reshape(x.shape[:-1])  # TransformerLens: [b, pos, 1]
+            if self.attn_norm(site.layer) is not None
+            else torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+            for site, x in zip(sites, resid, strict=True)
+        )
+        position = store.get(("position_embedding", 0))
+        return ResidualCapture(
+            resid_pre=resid,
+            norm_scale=scales,
+            attn_out=tuple(read("attn_out", site.layer) for site in sites[:-1]),
+            position_embedding=None if position is None else position.expand_as(resid[0]),
+            attention=attention,
+        )
+
+    def _residual_hooks(
+        self, sites: Sequence[AttnSite], store: dict[ResidualKey, Tensor]
+    ) -> Iterable[tuple[nn.Module, TorchForwardHook]]:
+        """Torch forward hooks that put ``capture_residual``'s reads of ``sites`` (layers
+        ``0..top``) into ``store``; raises ``UnsupportedModelError`` where the model's residual
+        stream cannot be read as a sum of parts."""
+        raise self._unsupported("the residual stream")
+
+    def residual_unsupported(self, why: str) -> UnsupportedModelError:
+        """The error for a model whose residual stream cannot be split into the parts that
+        ``capture_residual`` reads (``why``: a clause about the model), saying what would serve."""
+        model = self.hf_architecture_name or type(self.model).__name__
+        return UnsupportedModelError(
+            f"the residual stream of this {model} cannot be split into parts (backend "
+            f"{self.name!r}): {why}. Recursive DFA splits pre-norm models whose residual stream "
+            "is the sum of the embeddings and of each layer's attention and MLP outputs, with a "
+            "LayerNorm or an RMSNorm (with gain γ) before attention, e.g. GPT-2, GPT-NeoX, "
+            "Llama, Mistral or Qwen2, as HookedTransformers, TransformerBridges or Hugging Face "
+            "models"
+        )
+
+    def _unsupported(self, what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"backend {self.name!r} ({type(self).__name__}) does not read {what}; the "
+            "transformer_lens, bridge and nnsight backends do (HookedTransformer, "
+            "TransformerBridge and Hugging Face models)"
+        )
 
     def value_biases(self, sites: Iterable[AttnSite]) -> dict[int, Tensor]:
         """b_V per head for every site, keyed by layer."""

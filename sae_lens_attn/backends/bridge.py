@@ -24,7 +24,7 @@ one with these worked around (see ``docs/upstream.md`` for the upstream fix).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,21 +42,19 @@ from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, HFArchitectur
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,
+    AttnNorm,
     InterventionKind,
     Interventions,
+    ResidualKey,
     TorchForwardHook,
+    UnsupportedModelError,
     expand_kv_heads,
     forward_hooks,
     hook_name_of,
+    keep_output,
+    residual_hook_names,
 )
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
-
-_TL_HOOK: dict[InterventionKind, str] = {
-    "z": "hook_z",
-    "values": "hook_v",
-    "patterns": "hook_pattern",
-}
-"""The TransformerLens hook name (an alias on the bridge's attention component) of each kind."""
 
 
 class BridgeBackend(AttnBackend):
@@ -163,6 +161,45 @@ class BridgeBackend(AttnBackend):
         site = self.site(layer)
         return self.model.blocks[site.layer].attn.W_O.detach().flatten(0, 1)  # (H·D, M)
 
+    @property
+    def has_mlp(self) -> bool:
+        return not self.model.cfg.attn_only and all(
+            hasattr(block, "mlp") for block in self.model.blocks
+        )
+
+    def attn_norm(self, layer: int) -> AttnNorm | None:
+        """``ln1``: the gain of the norm it wraps (ones where it has none, or compatibility mode
+        folded it), centring for the bridge's ``LN``/``LNPre`` normalisation; ``None`` without
+        one, or where the values read the residual itself (post-LN)."""
+        site = self.site(layer)
+        kind = self.model.cfg.normalization_type
+        norm = getattr(self.model.blocks[site.layer], "ln1", None)
+        if kind is None or norm is None or not self._norm_feeds_values():
+            return None
+        gain = getattr(getattr(norm, "original_component", None), "weight", None)
+        weight = torch.ones_like(self.out_proj_bias(layer)) if gain is None else gain.detach()
+        return AttnNorm(weight=weight, centres=kind in ("LN", "LNPre"))
+
+    def values_weight(self, layer: int) -> Float[Tensor, " n_heads d_model d_head"]:
+        """``blocks.L.attn.W_V`` (the bridge reads it from the wrapped values projection, fused
+        or not), grouped KV heads expanded."""
+        site = self.site(layer)
+        weight = getattr(self.model.blocks[site.layer].attn, "W_V", None)
+        if weight is None:
+            raise UnsupportedModelError(
+                f"the {self.model.cfg.architecture} bridge's attention at layer {site.layer} "
+                f"gives no W_V (backend {self.name!r}); bridges whose attention wraps a value "
+                "projection (attn.v) do"
+            )
+        return expand_kv_heads(weight.detach().transpose(0, 1), site).transpose(0, 1)
+
+    def out_proj_bias(self, layer: int) -> Float[Tensor, " d_model"]:
+        site = self.site(layer)
+        bias = self.model.blocks[site.layer].attn.b_O
+        if bias is None:  # an output projection without bias
+            return torch.zeros_like(self.out_proj_weight(layer)[0])
+        return bias.detach()
+
     def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
         if getattr(self.model, "unembed", None) is None:
             raise ValueError(
@@ -216,19 +253,61 @@ class BridgeBackend(AttnBackend):
     def _hook_point(self, site: AttnSite, kind: InterventionKind) -> nn.Module:
         """The module at the attention's hook of ``kind`` (a ``HookPoint``, or the SAE wrapper
         that SAELens put in its place)."""
-        attn = self.model.blocks[site.layer].attn
-        alias = _TL_HOOK[kind]
-        target = attn.hook_aliases.get(alias, alias)
+        return self._hook_module(hook_name_of(site, kind))
+
+    def _hook_module(self, hook_name: str) -> nn.Module:
+        """The module at a TransformerLens hook name, resolved through the aliases of the
+        component that owns it (``blocks.L.attn.hook_z`` is ``blocks.L.attn.o.hook_in``,
+        ``blocks.L.hook_resid_pre`` is ``blocks.L.hook_in``), not through ``hook_dict``.
+
+        Raises:
+            ValueError: the bridge has no such hook (the message lists the owner's hooks).
+        """
+        owner_path, _, alias = hook_name.rpartition(".")
+        try:
+            owner: Any = self.model.get_submodule(owner_path) if owner_path else self.model
+        except AttributeError:
+            owner = None
+        aliases = getattr(owner, "hook_aliases", None) or {}
+        target = aliases.get(alias, alias)
         for path in [target] if isinstance(target, str) else target:
             try:
-                return attn.get_submodule(path)
+                return owner.get_submodule(path)
             except AttributeError:
                 continue
+        hooks = sorted(owner.get_hooks()) if hasattr(owner, "get_hooks") else []
         raise ValueError(
-            f"the {self.model.cfg.architecture} bridge's attention at layer {site.layer} has no "
-            f"{alias} (looked for {target!r} in blocks.{site.layer}.attn), so {kind} cannot be "
-            f"captured there; its hooks: {sorted(attn.get_hooks())}"
+            f"the {self.model.cfg.architecture} bridge has no {hook_name} (looked for "
+            f"{target!r} in {owner_path or 'the bridge'}), so it cannot be read there; the "
+            f"hooks there: {hooks}"
         )
+
+    def _residual_hooks(
+        self, sites: Sequence[AttnSite], store: dict[ResidualKey, Tensor]
+    ) -> list[tuple[nn.Module, TorchForwardHook]]:
+        """The bridge's own hook points (``hook_resid_pre``, ``ln1.hook_scale``,
+        ``hook_attn_out``, ``hook_pos_embed``), refused where the architecture row says its
+        residual stream is not a sum of parts read through ``ln1``."""
+        arch = self._arch()
+        refusal = None if arch is None else arch.residual_refusal(self.model.original_model.config)
+        if refusal is not None:
+            raise self.residual_unsupported(refusal)
+        names = residual_hook_names(
+            sites,
+            norm=self.attn_norm(sites[0].layer) is not None,
+            positions=self.model.cfg.positional_embedding_type == "standard",
+        )
+        return [
+            (self._hook_module(name), self._quiet(keep_output(store, key))) for key, name in names
+        ]
+
+    def _quiet(self, hook: TorchForwardHook) -> TorchForwardHook:
+        """``hook``, silent while ``value_bias`` runs bridge components itself."""
+
+        def quiet(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+            return None if self._probing else hook(module, inputs, output)
+
+        return quiet
 
     def _torch_hook(
         self, kind: InterventionKind, site: AttnSite, fn: ActivationFn

@@ -1,7 +1,9 @@
 """nnsight backend: z, patterns and values of any Hugging Face causal LM in the architecture table.
 
 z is the input of the attention output projection, read and replaced inside an nnsight trace,
-so the same code runs locally and, with ``remote=True``, on NDIF.
+so the same code runs locally and, with ``remote=True``, on NDIF. The residual stream
+(``capture_residual``) is read locally only, through torch forward hooks on the modules of the
+architecture row (attention norm, attention, position embeddings) during the same traced pass.
 
 Patterns and z always come from one computation: a pass that needs patterns runs the whole
 model with eager attention (and, where the architecture row says so, with
@@ -15,7 +17,7 @@ SDPA model's z, not the eager one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import reduce
 from typing import Any, cast
@@ -28,7 +30,16 @@ from nnsight.modeling.mixins.remotable import Remotable
 from torch import Tensor, nn
 
 from sae_lens_attn.backends.architectures import HF_ARCHITECTURES, hf_architecture
-from sae_lens_attn.backends.base import AttnBackend, Interventions, expand_kv_heads
+from sae_lens_attn.backends.base import (
+    AttnBackend,
+    AttnNorm,
+    Interventions,
+    ResidualKey,
+    TorchForwardHook,
+    UnsupportedModelError,
+    expand_kv_heads,
+    keep_output,
+)
 from sae_lens_attn.site import AttnSite, ValueBiasConvention
 
 
@@ -152,16 +163,8 @@ class NNsightBackend(AttnBackend):
         """The weight of the architecture row's ``out_proj``, as ``[d_in, d_model]``: a
         ``Linear`` stores ``[out, in]`` (transposed here), GPT-2's ``Conv1D`` ``[in, out]``."""
         site = self.site(layer)
-        module = _module_at(self.model, self.arch.out_proj_path(site.layer))
-        weight = module.weight.detach()
-        if isinstance(module, nn.Linear):
-            weight = weight.T
-        elif type(module).__name__ != "Conv1D":
-            raise ValueError(
-                f"the output projection {self.arch.out_proj_path(site.layer)} of "
-                f"{self.arch_name} is a {type(module).__name__}; its W_O can be read from an "
-                "nn.Linear or a transformers Conv1D"
-            )
+        path = self.arch.out_proj_path(site.layer)
+        weight = _weight_in_out(_module_at(self.model, path), path, self.arch_name)
         expected = (site.d_in, self.model.config.hidden_size)
         if tuple(weight.shape) != expected:
             raise ValueError(
@@ -169,6 +172,87 @@ class NNsightBackend(AttnBackend):
                 f"[n_heads * d_head, d_model] = {list(expected)}"
             )
         return weight
+
+    def out_proj_bias(self, layer: int) -> Float[Tensor, " d_model"]:
+        """The bias of the architecture row's ``out_proj`` (zeros where it has none)."""
+        site = self.site(layer)
+        module = _module_at(self.model, self.arch.out_proj_path(site.layer))
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            return torch.zeros(
+                self.model.config.hidden_size, device=self._device, dtype=self._dtype
+            )
+        return bias.detach()
+
+    def values_weight(self, layer: int) -> Float[Tensor, " n_heads d_model d_head"]:
+        """The weight of the architecture row's values module, its values read out of it as the
+        layout says (``HFArchitecture.read_values`` on ``[d_model, width]``), grouped KV heads
+        expanded.
+
+        Raises:
+            UnsupportedModelError: no module computes the values from the normed residual
+                alone (no values module, or latent values).
+        """
+        site = self.site(layer)
+        if self.arch.values is None or self.arch.latent_values:
+            raise UnsupportedModelError(
+                f"{self.arch_name} has no module that computes its values from the normed "
+                f"residual stream alone (backend {self.name!r}): "
+                f"{self.arch.folded_refusal(self.model.config)}"
+            )
+        path = self.arch.path(site.layer, self.arch.values)
+        weight = _weight_in_out(_module_at(self.model, path), path, self.arch_name)  # (M, width)
+        per_kv = self.arch.read_values(weight, site.n_kv_heads, site.d_head)  # (M, KV, D)
+        return expand_kv_heads(per_kv, site).transpose(0, 1)
+
+    def attn_norm(self, layer: int) -> AttnNorm | None:
+        """The row's attention norm: its ``weight`` (ones where it has none), centring if it
+        maps a constant vector where it maps zero (the mean is what it takes away); ``None``
+        where the values read the residual itself (post-LN, or no norm before attention)."""
+        site = self.site(layer)
+        norm = self._values_norm(site.layer)
+        if norm is None:
+            return None
+        zero = torch.zeros(1, self.model.config.hidden_size, device=self._device, dtype=self._dtype)
+        with torch.no_grad():
+            centres = torch.allclose(norm(zero + 1.0), norm(zero), rtol=1e-3, atol=1e-5)
+        gain = getattr(norm, "weight", None)
+        weight = torch.ones_like(zero[0]) if gain is None else gain.detach()
+        return AttnNorm(weight=weight, centres=centres)
+
+    def _residual_hooks(
+        self, sites: Sequence[AttnSite], store: dict[ResidualKey, Tensor]
+    ) -> list[tuple[nn.Module, TorchForwardHook]]:
+        """Hooks on the attention norm (its input is the residual stream, its output gives σ),
+        the attention module (its output is what joins the stream) and the position
+        embeddings; refused where the architecture row says the stream is not a sum of parts
+        read through the norm, and on NDIF (torch hooks run on local modules only)."""
+        refusal = self.arch.residual_refusal(self.model.config)
+        if refusal is not None:
+            raise self.residual_unsupported(refusal)
+        if self.remote:
+            raise self.residual_unsupported(
+                "its residual stream is read through torch hooks on local modules, which a "
+                "remote (NDIF) run does not have; load it here and use remote=False"
+            )
+        top = sites[-1].layer
+        layers = _module_at(self.model, self.arch.layers_path)
+        hooks: list[tuple[nn.Module, TorchForwardHook]] = []
+        for site in sites:
+            norm, spec = self._values_norm(site.layer), self.attn_norm(site.layer)
+            assert norm is not None and spec is not None  # the refusal covers models without
+            hooks.append((norm, _norm_reader(store, site.layer, spec, _norm_bias(norm))))
+            if site.layer < top:
+                attn = layers[site.layer].get_submodule(self.arch.attn)
+                hooks.append((attn, _first_output(keep_output(store, ("attn_out", site.layer)))))
+        if self.arch.position_embeddings is not None:
+            module = _module_at(self.model, self.arch.position_embeddings)
+            hooks.append((module, keep_output(store, ("position_embedding", 0))))
+        return hooks
+
+    def _values_norm(self, layer: int) -> nn.Module | None:
+        block = _module_at(self.model, self.arch.layers_path)[layer]
+        return self.arch.values_norm(block, self.model.config)
 
     def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
         """``get_output_embeddings().weight``, transposed to ``[d_model, d_vocab]``."""
@@ -315,6 +399,57 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
     finally:
         for key, config in configs.items():
             config._attn_implementation = before[key]
+
+
+def _weight_in_out(module: nn.Module, path: str, arch_name: str) -> Tensor:
+    """A linear module's weight as ``[in, out]``: an ``nn.Linear`` stores ``[out, in]``
+    (transposed here), GPT-2's ``Conv1D`` ``[in, out]``."""
+    weight = cast(Tensor, module.weight).detach()
+    if isinstance(module, nn.Linear):
+        return weight.T
+    if type(module).__name__ == "Conv1D":
+        return weight
+    raise UnsupportedModelError(
+        f"{path} of {arch_name} is a {type(module).__name__}; its weight can be read from an "
+        "nn.Linear or a transformers Conv1D"
+    )
+
+
+@torch.no_grad()
+def _norm_bias(norm: nn.Module) -> Tensor:
+    """β: what the norm makes of a zero residual (0 for RMSNorm)."""
+    param = next(norm.parameters(), None)
+    if param is None:  # a norm without parameters has no bias
+        return torch.zeros(())
+    zero = torch.zeros(1, param.shape[-1], dtype=param.dtype, device=param.device)
+    return norm(zero)[0].detach()
+
+
+def _norm_reader(
+    store: dict[ResidualKey, Tensor], layer: int, spec: AttnNorm, beta: Tensor
+) -> TorchForwardHook:
+    """Keeps the norm's input (the residual stream) and its scale σ at each position: with
+    ``y − β = γ ⊙ P x / σ``, ``σ = ‖γ ⊙ P x‖ / ‖y − β‖`` (in float64)."""
+
+    def read(_module: nn.Module, inputs: Any, output: Tensor) -> None:
+        x = inputs[0].detach()
+        wide = x.double()
+        centred = wide - wide.mean(-1, keepdim=True) if spec.centres else wide
+        numerator = (spec.weight.to(wide) * centred).norm(dim=-1)
+        denominator = (output.detach().double() - beta.to(wide)).norm(dim=-1)
+        store["resid_pre", layer] = x
+        store["norm_scale", layer] = numerator / denominator.clamp_min(1e-30)
+
+    return read
+
+
+def _first_output(hook: TorchForwardHook) -> TorchForwardHook:
+    """``hook`` on the first element of a module's output (attention: ``(output, weights)``)."""
+
+    def first(module: nn.Module, inputs: Any, output: Any) -> None:
+        hook(module, inputs, output[0] if isinstance(output, tuple) else output)
+
+    return first
 
 
 def _architecture_name(model: nn.Module) -> str:

@@ -1,8 +1,10 @@
-"""TransformerLens backend: hook_z, hook_pattern and hook_v of a HookedTransformer."""
+"""TransformerLens backend: hook_z, hook_pattern and hook_v of a HookedTransformer, and its
+residual stream through ``hook_resid_pre``, ``ln1.hook_scale``, ``hook_attn_out`` and
+``hook_pos_embed``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -14,10 +16,15 @@ from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
 from sae_lens_attn.backends.base import (
     ActivationFn,
     AttnBackend,
+    AttnNorm,
     Interventions,
+    ResidualKey,
     TorchForwardHook,
+    expand_kv_heads,
     forward_hooks,
     hook_name_of,
+    keep_output,
+    residual_hook_names,
 )
 from sae_lens_attn.site import AttnSite, check_layer
 
@@ -64,6 +71,29 @@ class TransformerLensBackend(AttnBackend):
         site = self.site(layer)
         return self.model.blocks[site.layer].attn.W_O.detach().flatten(0, 1)  # (H·D, M)
 
+    @property
+    def has_mlp(self) -> bool:
+        return not self.model.cfg.attn_only
+
+    def attn_norm(self, layer: int) -> AttnNorm | None:
+        """``ln1``: its gain ``w`` (ones for ``LNPre``/``RMSPre``, which ``fold_ln`` leaves),
+        centring for ``LN``/``LNPre``; ``None`` without normalisation."""
+        site = self.site(layer)
+        kind = self.model.cfg.normalization_type
+        if kind is None:
+            return None
+        gain = getattr(self.model.blocks[site.layer].ln1, "w", None)
+        weight = torch.ones_like(self.out_proj_bias(layer)) if gain is None else gain.detach()
+        return AttnNorm(weight=weight, centres=kind in ("LN", "LNPre"))
+
+    def values_weight(self, layer: int) -> Float[Tensor, " n_heads d_model d_head"]:
+        site = self.site(layer)
+        weight = self.model.blocks[site.layer].attn.W_V.detach()  # (H or KV, M, D)
+        return expand_kv_heads(weight.transpose(0, 1), site).transpose(0, 1)
+
+    def out_proj_bias(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self.model.blocks[self.site(layer).layer].attn.b_O.detach()
+
     def unembed(self) -> Float[Tensor, " d_model d_vocab"]:
         unembed = getattr(self.model, "unembed", None)
         if unembed is None:
@@ -83,6 +113,18 @@ class TransformerLensBackend(AttnBackend):
         )
         with forward_hooks(hooks):
             yield
+
+    def _residual_hooks(
+        self, sites: Sequence[AttnSite], store: dict[ResidualKey, Tensor]
+    ) -> list[tuple[nn.Module, TorchForwardHook]]:
+        cfg = self.model.cfg
+        hook_points: dict[str, nn.Module] = self.model.hook_dict  # type: ignore[assignment]
+        names = residual_hook_names(
+            sites,
+            norm=cfg.normalization_type is not None,
+            positions=cfg.positional_embedding_type == "standard",  # added to the stream
+        )
+        return [(hook_points[name], keep_output(store, key)) for key, name in names]
 
     def forward(
         self,

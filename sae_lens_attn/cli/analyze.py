@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_lens_attn.analysis import AnalysisInput, dfa_at_peaks, get, head_attribution, names
-from sae_lens_attn.analysis.registry import Table
-from sae_lens_attn.backends import backend_for
+from sae_lens_attn.analysis import AnalysisInput, Analyzer, Corpus, get, head_attribution, names
+from sae_lens_attn.analysis.analyzers import chosen_features
+from sae_lens_attn.analysis.analyzers.basic import peak_dfa
+from sae_lens_attn.analysis.registry import Table, capture_needs
 from sae_lens_attn.cli.arguments import UsageError, count, integers, key_value
 from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
 from sae_lens_attn.outputs import OUTPUT_MARKER, atomic_output, check_output
+from sae_lens_attn.validation import token_texts
 from sae_lens_attn.viz.analysis_plots import table_plots
 from sae_lens_attn.viz.induction_plots import induction_table_plots
 from sae_lens_attn.viz.plots import dfa_tokens_html, head_attribution_heatmap, html_page
@@ -141,20 +145,41 @@ def run(args: argparse.Namespace) -> int:
     options |= {key: _option_value(value) for key, value in args.option}
     if args.upstream_sae:
         options["upstream_saes"] = [load_sae(spec) for spec in args.upstream_sae]
-    inputs = AnalysisInput(backend_for(model), sae, tokens, tokenizer=tokenizer, options=options)
-
     with atomic_output(out, kind=OUTPUT_KIND, overwrite=args.overwrite) as tmp:
-        tables: dict[str, Table] = {}
-        for analyzer in tqdm(analyzers.values(), desc="analyzers", unit="analyzer"):
-            for table_name, table in analyzer(inputs).items():
-                _write_table(table, tmp / f"{table_name}.{args.format}")
-                tables[table_name] = table
-        _plots(inputs, tmp, options)
-        table_plots(tables, tmp)
-        induction_table_plots(tables, tmp)
+        write_analysis(
+            model, sae, tokens, list(analyzers.values()), tmp, tokenizer=tokenizer,
+            options=options, table_format=args.format,
+        )  # fmt: skip
     written = sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER)
     print(f"wrote {', '.join(written)} to {out}")
     return 0
+
+
+def write_analysis(
+    model: Any,
+    sae: Any,
+    tokens: Tensor,
+    analyzers: Sequence[Analyzer],
+    folder: Path,
+    *,
+    tokenizer: Any = None,
+    options: Mapping[str, Any] | None = None,
+    table_format: str = "csv",
+    progress: bool = True,
+) -> dict[str, Table]:
+    """What ``analyze`` writes into ``folder``: each analyzer's tables and every plot, from one
+    ``Corpus`` (one capture holding what all of them need, one encode of the SAE)."""
+    corpus = Corpus(model, tokens, keep=capture_needs([*analyzers, _PLOTS]))
+    inputs = AnalysisInput.from_corpus(corpus, sae, tokenizer=tokenizer, options=options)
+    tables: dict[str, Table] = {}
+    for analyzer in tqdm(analyzers, desc="analyzers", unit="analyzer", disable=not progress):
+        for table_name, table in analyzer(inputs).items():
+            _write_table(table, folder / f"{table_name}.{table_format}")
+            tables[table_name] = table
+    _plots(inputs, folder)
+    table_plots(tables, folder)
+    induction_table_plots(tables, folder)
+    return tables
 
 
 def _write_table(table: Table, path: Path) -> None:
@@ -167,35 +192,38 @@ def _write_table(table: Table, path: Path) -> None:
         writer.writerows(table)
 
 
-def _plots(inputs: AnalysisInput, folder: Path, options: dict[str, Any]) -> None:
-    from sae_lens_attn.analysis.builtin import top_features
+class _PlotNeeds:
+    """What the plots of every ``analyze`` read: DFA at the peaks."""
 
-    features = options.get("features") or top_features(inputs, options["top"])
+    needs = frozenset({"pattern", "values"})
+
+
+_PLOTS = _PlotNeeds()
+
+
+def _plots(inputs: AnalysisInput, folder: Path) -> None:
+    """The head-attribution heatmap and the DFA page, from the same features and the same DFA
+    the analyzers used (computed once per command)."""
+    features = chosen_features(inputs)
     shares = head_attribution(inputs.sae, inputs.model)[features]
     head_attribution_heatmap(shares, features, folder / "head_attribution.png")
-    peak = dfa_at_peaks(
-        inputs.model,
-        inputs.sae,
-        inputs.tokens,
-        features=features,
-        attention_mask=inputs.attention_mask,
-    )
+    peak = peak_dfa(inputs, features)
     sections = []
     for column, feature in enumerate(features):
-        fired = peak.fired[:, 0, column]
+        fired = peak.fired[:, column]
         if not fired.any():
             sections.append(
                 f"<h3>feature {feature}: never fires in the given tokens; nothing attributed</h3>"
             )
             continue
-        prompt = int(peak.acts[:, 0, column].masked_fill(~fired, float("-inf")).argmax())
-        query = int(peak.positions[prompt, 0, column])
-        text = [_decode(inputs.tokenizer, t) for t in inputs.tokens[prompt, : query + 1].tolist()]
-        pre_act = float(peak.pre_act[prompt, 0, column])
+        prompt = int(peak.acts[:, column].masked_fill(~fired, float("-inf")).argmax())
+        query = int(peak.positions[prompt, column])
+        text = token_texts(inputs.tokenizer, inputs.tokens[prompt, : query + 1].tolist())
+        pre_act = float(peak.pre_act[prompt, column])
         sections.append(
             dfa_tokens_html(
                 text,
-                peak.by_src[prompt, 0, : query + 1, column],
+                peak.by_src[prompt, : query + 1, column],
                 query,
                 title=f"feature {feature}: pre-activation {pre_act:.3f} "
                 f"at prompt {prompt}, position {query}",
@@ -210,7 +238,3 @@ def _option_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def _decode(tokenizer: Any, token: int) -> str:
-    return str(token) if tokenizer is None else tokenizer.decode([token])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens_attn.cli.arguments import count
-from sae_lens_attn.default_model.demo import DemoOptions, run_demo
+from sae_lens_attn.demo import DemoOptions, run_demo
 
 
 def add_parser(commands: Any) -> None:

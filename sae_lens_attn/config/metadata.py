@@ -4,7 +4,9 @@ Every SAE this package trains, converts or publishes carries, in SAELens's ``cfg
 the keys ``ATTENTION_METADATA_KEYS`` (and SAELens's own ``model_name`` when it is known).
 SAELens keeps metadata keys it does not know, so vanilla SAELens loads these SAEs unchanged.
 ``attention_metadata`` writes the keys; ``read_attention_metadata`` reads and validates them,
-also from SAEs saved by plain SAELens, which record only ``hook_name``.
+also from SAEs saved by plain SAELens, which record only ``hook_name``; ``recorded_site`` is the
+one place a site is made from a recorded head structure (``AttnSite.from_sae`` and the training
+configs use it).
 """
 
 from __future__ import annotations
@@ -67,8 +69,43 @@ class AttentionMetadata:
         """
         if self.n_heads is None:
             return None
-        heads = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head}
-        return _recorded_site(self.layer, heads, d_in)
+        return recorded_site(self.layer, d_in, self.n_heads, self.n_kv_heads, self.d_head)
+
+    def sae_site(self, d_in: int, model_site: AttnSite | None = None) -> AttnSite:
+        """The site an SAE of input width ``d_in`` with this metadata reads.
+
+        Args:
+            d_in: the SAE's input width.
+            model_site: the site of this layer in the model the SAE runs on; it supplies the
+                head structure the metadata lacks and must agree with what the metadata records.
+
+        Raises:
+            ValueError: the metadata records no ``n_heads`` and no ``model_site`` is given, the
+                recorded head structure disagrees with ``model_site``, or ``d_in`` does not fit.
+        """
+        if model_site is not None:
+            clashes = {
+                key: (recorded, getattr(model_site, key))
+                for key in ("n_heads", "n_kv_heads", "d_head")
+                if (recorded := getattr(self, key)) is not None
+                and recorded != getattr(model_site, key)
+            }
+            if clashes:
+                raise ValueError(
+                    f"SAE on {self.hook_name} was trained for another model's site: "
+                    + ", ".join(
+                        f"{key}={a} in the SAE but {b} in the model"
+                        for key, (a, b) in clashes.items()
+                    )
+                )
+            return model_site.check_sae_width(d_in)
+        site = self.site(d_in)
+        if site is None:
+            raise ValueError(
+                f"SAE on {self.hook_name} does not record n_heads in its metadata "
+                "(it was not saved by sae_lens_attn); pass model= to read the head structure"
+            )
+        return site
 
 
 def attention_metadata(
@@ -96,7 +133,7 @@ def attention_metadata(
         ValueError: an unknown convention or architecture, or kwargs that deliver the other
             convention.
     """
-    convention = _convention(value_bias_convention, "attention_metadata")
+    convention = check_value_bias_convention(value_bias_convention, "attention_metadata")
     kwargs = dict(model_from_pretrained_kwargs or {})
     if convention == "folded":
         kwargs = folded_model_kwargs(kwargs)
@@ -106,7 +143,11 @@ def attention_metadata(
             "'included' value-bias convention: SAELens's workflows would load the model with z "
             "lacking b_V'; record the SAE as 'folded' or drop fold_value_biases"
         )
-    row = None if hf_architecture is None else _architecture(hf_architecture, "attention_metadata")
+    row = (
+        None
+        if hf_architecture is None
+        else check_hf_architecture(hf_architecture, "attention_metadata")
+    )
     metadata: dict[str, Any] = {
         "hook_name": site.hook_name,
         "layer": site.layer,
@@ -170,14 +211,14 @@ def read_attention_metadata(
                 for key, value in heads.items()
             }
             if d_in is not None:
-                _recorded_site(layer, heads, d_in)
+                recorded_site(layer, d_in, structure.n_heads, heads["n_kv_heads"], heads["d_head"])
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from None
-    convention = _convention(metadata.get("value_bias_convention"), source)
+    convention = check_value_bias_convention(metadata.get("value_bias_convention"), source)
     architecture = metadata.get("hf_architecture")
     module_path = metadata.get("hf_module_path")
     if architecture is not None:
-        expected = _architecture(architecture, source).out_proj_path(layer)
+        expected = check_hf_architecture(architecture, source).out_proj_path(layer)
         if module_path is not None and module_path != expected:
             raise ValueError(
                 f"{source}: hf_module_path={module_path!r} but z of {architecture} at layer "
@@ -203,13 +244,36 @@ def read_attention_metadata(
     )
 
 
-def _recorded_site(layer: int, heads: Mapping[str, Any], d_in: int) -> AttnSite:
-    n_heads = heads["n_heads"]
-    d_head = heads["d_head"] or d_in // n_heads
-    return AttnSite(layer, n_heads, heads["n_kv_heads"] or n_heads, d_head).check_sae_width(d_in)
+def recorded_site(
+    layer: int,
+    d_in: int,
+    n_heads: int,
+    n_kv_heads: int | None = None,
+    d_head: int | None = None,
+) -> AttnSite:
+    """The site of an SAE of input width ``d_in`` at ``layer`` with a recorded head structure.
+
+    Args:
+        layer: the layer of the SAE's hook.
+        d_in: the SAE's input width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads; ``None`` (not recorded) means ``n_heads``.
+        d_head: width of one head's z; ``None`` (not recorded) means ``d_in // n_heads``.
+
+    Raises:
+        TypeError: a count that is not an integer.
+        ValueError: not a valid site, or ``d_in != n_heads * d_head``.
+    """
+    d_head = d_head or d_in // n_heads
+    return AttnSite(layer, n_heads, n_kv_heads or n_heads, d_head).check_sae_width(d_in)
 
 
-def _convention(value: Any, source: str) -> ValueBiasConvention | None:
+def check_value_bias_convention(value: Any, source: str) -> ValueBiasConvention | None:
+    """``value`` if it is a value-bias convention or ``None`` (not known).
+
+    Raises:
+        ValueError: any other value; the message names ``source`` and lists the valid ones.
+    """
     if value is not None and value not in VALUE_BIAS_CONVENTIONS:
         raise ValueError(
             f"{source}: unknown value_bias_convention {value!r}; valid: "
@@ -218,7 +282,12 @@ def _convention(value: Any, source: str) -> ValueBiasConvention | None:
     return value
 
 
-def _architecture(name: Any, source: str) -> HFArchitecture:
+def check_hf_architecture(name: Any, source: str) -> HFArchitecture:
+    """The row of ``HF_ARCHITECTURES`` for the Hugging Face class ``name``.
+
+    Raises:
+        ValueError: ``name`` has no row; the message names ``source`` and lists the valid ones.
+    """
     if not isinstance(name, str) or name not in HF_ARCHITECTURES:
         raise ValueError(
             f"{source}: unknown hf_architecture {name!r}; valid: {sorted(HF_ARCHITECTURES)}"

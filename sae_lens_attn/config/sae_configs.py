@@ -24,14 +24,13 @@ from sae_lens import (
 from sae_lens.registry import get_sae_class
 from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainStepInput, TrainStepOutput
 
-from sae_lens_attn.backends.architectures import HF_ARCHITECTURES
-from sae_lens_attn.config.metadata import attention_metadata
-from sae_lens_attn.site import (
-    VALUE_BIAS_CONVENTIONS,
-    AttnSite,
-    ValueBiasConvention,
-    convention_of_model_kwargs,
+from sae_lens_attn.config.metadata import (
+    attention_metadata,
+    check_hf_architecture,
+    check_value_bias_convention,
+    recorded_site,
 )
+from sae_lens_attn.site import AttnSite, ValueBiasConvention, convention_of_model_kwargs
 from sae_lens_attn.validation import check_count
 
 AttnArchitecture = Literal["standard", "topk", "jumprelu", "batchtopk"]
@@ -72,19 +71,14 @@ class AttnTrainingFields:
                 f"d_in={d_in} is not n_heads*d_head for n_heads={self.n_heads!r}: an attention "
                 "SAE reads z with every head's d_head block concatenated"
             )
-        if self.value_bias_convention not in (None, *VALUE_BIAS_CONVENTIONS):
-            raise ValueError(
-                f"unknown value_bias_convention {self.value_bias_convention!r}; valid: "
-                f"{list(VALUE_BIAS_CONVENTIONS)} or None"
-            )
+        source = f"{self.architecture()} config"
+        check_value_bias_convention(self.value_bias_convention, source)
         if self.reshape_activations != "hook_z":
             raise ValueError(
                 f"attention SAEs use reshape_activations='hook_z', got {self.reshape_activations!r}"
             )
-        if self.hf_architecture is not None and self.hf_architecture not in HF_ARCHITECTURES:
-            raise ValueError(
-                f"unknown hf_architecture {self.hf_architecture!r}; valid: {sorted(HF_ARCHITECTURES)}"
-            )
+        if self.hf_architecture is not None:
+            check_hf_architecture(self.hf_architecture, source)
         self.site_for(self.metadata.hook_name)  # type: ignore[attr-defined]
 
     def _check_counts(self) -> None:
@@ -107,15 +101,15 @@ class AttnTrainingFields:
             )
 
     def site_for(self, hook_name: str | None) -> AttnSite | None:
-        """The site this config trains on at ``hook_name`` (``None`` while it is unknown)."""
+        """The site this config trains on at ``hook_name`` (``None`` while it is unknown).
+
+        Raises:
+            ValueError: ``hook_name`` is not a hook_z name, or the head structure is not a site.
+        """
         if hook_name is None:
             return None
-        return AttnSite(
-            layer=AttnSite.layer_of(hook_name),
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads or self.n_heads,
-            d_head=self.d_in // self.n_heads,  # type: ignore[attr-defined]
-        )
+        d_in: int = self.d_in  # type: ignore[attr-defined]
+        return recorded_site(AttnSite.layer_of(hook_name), d_in, self.n_heads, self.n_kv_heads)
 
     def get_inference_config_class(self) -> type[SAEConfig]:
         return get_sae_class(self.inference_architecture)[1]

@@ -28,8 +28,8 @@ from sae_lens_attn.analysis import (
     feature_families,
     feature_logits,
 )
-from sae_lens_attn.analysis.attribution import encode_z, sae_convention
 from sae_lens_attn.backends import AttnBackend, backend_for
+from sae_lens_attn.corpus import Corpus
 from sae_lens_attn.explorer.schemas import (
     FamilyView,
     FeatureLogitsView,
@@ -39,7 +39,8 @@ from sae_lens_attn.explorer.schemas import (
     LogitToken,
     RunResponse,
 )
-from sae_lens_attn.site import AttnSite, ValueBiasConvention
+from sae_lens_attn.sae_adapter import sae_convention
+from sae_lens_attn.site import AttnSite, ValueBiasConvention, saes_by_layer
 from sae_lens_attn.validation import (
     check_count,
     check_tokens,
@@ -104,7 +105,7 @@ class ExplorerSession:
         self.logits_k = check_count("logits_k", logits_k)
         self.max_body_bytes = check_count("max_body_bytes", max_body_bytes)
         self.context = context_limit(self.backend)
-        self.saes = _by_layer(saes, self.backend)
+        self.saes = saes_by_layer(saes, self.backend)
         self.sites = {
             layer: AttnSite.from_sae(sae, self.backend) for layer, sae in self.saes.items()
         }
@@ -237,18 +238,17 @@ class ExplorerSession:
 
         Call under ``guarded`` (the model lock).
         """
-        by_convention: dict[ValueBiasConvention, list[int]] = {}
+        corpus = Corpus(self.backend, tokens)
+        by_convention: dict[ValueBiasConvention, list[AttnSite]] = {}
         for layer, sae in self.saes.items():
             convention = sae_convention(sae, self.backend.native_convention)
-            by_convention.setdefault(convention, []).append(layer)
-        acts: dict[int, Tensor] = {}
-        for convention, layers in by_convention.items():
-            captures = self.backend.capture(
-                tokens, [self.sites[layer] for layer in layers], convention=convention,
-            )  # fmt: skip
-            for layer in layers:
-                acts[layer] = encode_z(self.saes[layer], captures[layer].z)[0].float().cpu()
-        return dict(sorted(acts.items()))
+            by_convention.setdefault(convention, []).append(self.sites[layer])
+        for convention, sites in by_convention.items():
+            corpus.capture_many(sites, convention)  # one pass per convention
+        return {
+            layer: corpus.activations(sae)[0].float().cpu()
+            for layer, sae in sorted(self.saes.items())
+        }
 
     def feature_logits(self, layer: int, feature: int) -> FeatureLogitsView | None:
         """The feature's top and bottom logit effects (``None`` without an unembedding)."""
@@ -337,18 +337,6 @@ class ExplorerSession:
         probe = torch.tensor([[bos if bos is not None else 0, 0]])
         for sae in self.saes.values():
             dfa(self.backend, sae, probe, features=[0])
-
-
-def _by_layer(saes: Sequence[SAE[Any]], backend: AttnBackend) -> dict[int, SAE[Any]]:
-    if not saes:
-        raise ValueError("the explorer needs at least one SAE, got none")
-    by_layer: dict[int, SAE[Any]] = {}
-    for sae in saes:
-        layer = AttnSite.from_sae(sae, backend).layer
-        if layer in by_layer:
-            raise ValueError(f"two SAEs read layer {layer}; give at most one SAE per layer")
-        by_layer[layer] = sae
-    return dict(sorted(by_layer.items()))
 
 
 def _dashboard_folders(

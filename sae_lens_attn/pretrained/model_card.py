@@ -10,7 +10,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
-from sae_lens_attn.analysis.heads import check_finite_rows
+from sae_lens_attn.analysis.heads import decoder_head_shares
 from sae_lens_attn.pretrained.metrics import SAEMetrics
 from sae_lens_attn.pretrained.releases import Release
 from sae_lens_attn.site import AttnSite
@@ -82,21 +82,19 @@ def _finite(value: Any) -> float | None:
 def head_shares(W_dec: Float[Tensor, " d_sae d_in"], site: AttnSite) -> Float[Tensor, " n_heads"]:
     """Per-head share of the decoder norm, averaged over features.
 
-    ``share[f, h] = ‖W_dec[f, h-block]‖ / Σ_j ‖W_dec[f, j-block]‖``; features whose decoder row
-    is zero have no share and are left out of the mean.
+    ``share[f, h] = ‖W_dec[f, h-block]‖ / Σ_j ‖W_dec[f, j-block]‖``, the rows of
+    ``sae_lens_attn.analysis.head_attribution``; features whose decoder row is zero have no share
+    and are left out of the mean.
 
     Raises:
         ValueError: every decoder row is zero, or a row holds NaN or infinity (named).
     """
     site.check_sae_width(W_dec.shape[-1])
-    W_dec = W_dec.detach().float()
-    check_finite_rows(W_dec)
-    norms = W_dec.reshape(-1, site.n_heads, site.d_head).norm(dim=-1)  # (F, H)
-    totals = norms.sum(-1)
-    alive = totals > 0
+    shares = decoder_head_shares(W_dec, site)  # (F, H), zero rows spread evenly
+    alive = W_dec.detach().ne(0).any(-1)
     if not alive.any():
         raise ValueError("every decoder row is zero: the SAE has no head attribution")
-    return (norms[alive] / totals[alive, None]).mean(0)
+    return shares[alive].mean(0)
 
 
 def render_model_card(release: Release, entries: Sequence[CardEntry], *, tool: str) -> str:

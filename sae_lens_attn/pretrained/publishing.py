@@ -22,6 +22,7 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,22 @@ OUTPUT_KIND = "release"
 MODEL_CARD_FILE = "README.md"
 """The model card's file name (Hugging Face shows it as the repository's page)."""
 
+DISTRIBUTION = "sae-lens-attn"
+"""The distribution (PyPI) name whose installed version the model card and loader test name."""
+UNKNOWN_VERSION = "0+unknown"
+"""The version written where the package runs from a checkout that is not installed."""
+
 _SAE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+
+
+def package_version() -> str:
+    """The installed version of sae-lens-attn, read from the distribution's metadata (so
+    publishing needs no import of the package itself); ``UNKNOWN_VERSION`` in a checkout that
+    was never installed."""
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return UNKNOWN_VERSION
 
 
 @dataclass(frozen=True)
@@ -139,9 +155,7 @@ def publish(
             it holds files publish did not write, or a release and ``overwrite`` is false.
         ValueError: invalid ids, names, metrics, or SAEs that are not attention SAEs on hook_z.
     """
-    from sae_lens_attn import __version__
-
-    tool = f"sae-lens-attn {__version__} (SAELens {sae_lens.__version__})"
+    tool = f"sae-lens-attn {package_version()} (SAELens {sae_lens.__version__})"
     out_dir = Path(out_dir)
     _check_inputs(saes, release, model, tokens, metrics)
     check_output(out_dir, kind=OUTPUT_KIND, overwrite=overwrite)

@@ -8,23 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae_lens_attn.analysis import feature_families, feature_logits
-from sae_lens_attn.backends import backend_for
+from sae_lens_attn.corpus import Corpus, corpus_of
 from sae_lens_attn.outputs import atomic_output, check_output
 from sae_lens_attn.site import AttnSite
 from sae_lens_attn.validation import (
     check_context,
+    check_count,
     check_features,
     special_token_ids,
     tokenizer_of,
 )
 from sae_lens_attn.viz.dashboard import feature_analyses, panels, saedashboard
-from sae_lens_attn.viz.dashboard.data import FeatureData, collect, feature_activations
+from sae_lens_attn.viz.dashboard.data import FeatureData, collect
 
 Engine = Literal["auto", "saedashboard", "own"]
 """``saedashboard``: SAEDashboard's pages plus our DFA and head-attribution panels (TransformerLens
@@ -56,7 +56,7 @@ class Dashboard:
 def build_dashboard(
     model: Any,
     sae: Any,
-    tokens: Int[Tensor, " rows ctx"],
+    tokens: Int[Tensor, " rows ctx"] | Corpus,
     out: str | Path,
     *,
     features: Sequence[int] | None = None,
@@ -77,9 +77,10 @@ def build_dashboard(
     Args:
         model: any model a backend supports.
         sae: a hook_z SAE of ``model`` with a linear encoder.
-        tokens: token ids ``[rows, ctx]`` to find top-activating contexts in.
+        tokens: token ids ``[rows, ctx]`` to find top-activating contexts in, or a ``Corpus``
+            of them (its capture and encode are shared; ``exclude_tokens`` is then its own).
         out: folder to write (written to a temporary folder first, then renamed).
-        features: feature indices (default: the ``top`` most often active features).
+        features: feature indices (default: the ``top`` features, ``Corpus.top_features``).
         top: features to show when ``features`` is not given.
         tokenizer: decodes tokens (default: the model's).
         engine: see ``Engine``.
@@ -106,12 +107,15 @@ def build_dashboard(
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown dashboard engine {engine!r}; valid: {list(ENGINES)}")
-    backend = backend_for(model)
+    if isinstance(tokens, Corpus):
+        corpus = corpus_of(model, tokens)
+    else:
+        corpus = Corpus(
+            model, tokens, keep={"pattern", "values"}, batch_size=batch_size,
+            ignore_tokens=exclude_tokens,
+        )  # fmt: skip
+    backend, tokens = corpus.backend, corpus.tokens
     site = AttnSite.from_sae(sae, backend)
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [rows, ctx] tensor, got {tuple(tokens.shape)}"
-        )
     check_context(backend, tokens.shape[1])
     if features is not None:
         features = check_features(features, sae.cfg.d_sae).tolist()
@@ -122,23 +126,18 @@ def build_dashboard(
         raise ValueError(f"engine='saedashboard' cannot build this dashboard: {reason}")
     used: Literal["saedashboard", "own"] = "own" if engine == "own" or reason else "saedashboard"
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(backend)
-    excluded = list(exclude_tokens) if exclude_tokens is not None else special_token_ids(tokenizer)
-    counted = ~torch.isin(tokens.cpu(), torch.tensor(excluded, dtype=torch.long))
-
-    acts = feature_activations(backend, sae, tokens, batch_size=batch_size)
+    excluded = list(corpus.ignore_tokens or special_token_ids(tokenizer_of(backend)))
+    counted = corpus.counted.cpu()
+    acts = corpus.activations(sae).float().cpu()
     if features is None:
-        features = _most_active(acts, counted, top)
+        features = corpus.top_features(sae, check_count("top", top))
     bar = tqdm(total=len(features) + 1, desc="dashboard", unit="feature", disable=not progress)
     with bar:
-        data = collect(
-            backend, sae, tokens, features, tokenizer=tokenizer, counted=counted, acts=acts,
-            n_contexts=n_contexts, batch_size=batch_size,
-        )  # fmt: skip
+        data = collect(backend, sae, corpus, features, tokenizer=tokenizer, n_contexts=n_contexts)
         logits = feature_logits(backend, sae, features, k=10, tokenizer=tokenizer)
         families = feature_families(
-            backend, sae, tokens, features, tokenizer=tokenizer, ignore_tokens=excluded,
-            batch_size=batch_size,
-        )  # fmt: skip
+            backend, sae, corpus, features, tokenizer=tokenizer, ignore_tokens=excluded
+        )
         proxies = feature_analyses.induction_histograms(
             acts[..., features], tokens, features, counted=counted
         )
@@ -237,10 +236,3 @@ def _index_page(
         + f"</tr>{''.join(rows)}</table>"
     )
     return panels.page(title, body)
-
-
-def _most_active(acts: Tensor, counted: Tensor, top: int) -> list[int]:
-    if top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
-    density = (acts[counted] != 0).float().mean(0)
-    return density.topk(min(top, density.numel())).indices.tolist()

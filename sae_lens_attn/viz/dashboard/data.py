@@ -16,11 +16,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sae_lens_attn.analysis import DFAResult, dfa_at_peaks, head_attribution
-from sae_lens_attn.analysis.attribution import encode_z, encoder_terms, sae_convention
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
-from sae_lens_attn.validation import check_features
+from sae_lens_attn.analysis.attribution import NO_QUERY
+from sae_lens_attn.analysis.dfa_peaks import PeakDFA, dfa_at_peaks
+from sae_lens_attn.analysis.heads import head_attribution
+from sae_lens_attn.corpus import Corpus, corpus_of
+from sae_lens_attn.validation import check_count, check_features, token_texts
 
 
 @dataclass(frozen=True)
@@ -70,80 +70,55 @@ class FeatureData:
 
 
 @torch.no_grad()
-def feature_activations(
-    model: Any,
-    sae: Any,
-    tokens: Int[Tensor, " rows ctx"],
-    *,
-    batch_size: int = 8,
-) -> Tensor:
-    """Activations of every feature ``[rows, ctx, d_sae]`` (z in the SAE's convention)."""
-    backend = backend_for(model)
-    site = AttnSite.from_sae(sae, backend)
-    convention = sae_convention(sae, backend.native_convention)
-    parts = []
-    for batch in tokens.split(batch_size):
-        z = backend.capture(batch, [site], convention=convention)[site.layer].z
-        parts.append(encode_z(sae, z).float().cpu())
-    return torch.cat(parts)
-
-
-@torch.no_grad()
 def collect(
     model: Any,
     sae: Any,
-    tokens: Int[Tensor, " rows ctx"],
+    tokens: Int[Tensor, " rows ctx"] | Corpus,
     features: Sequence[int],
     *,
     tokenizer: Any = None,
     counted: Tensor | None = None,
-    acts: Tensor | None = None,
     n_contexts: int = 8,
     batch_size: int = 8,
     bins: int = 20,
 ) -> list[FeatureData]:
-    """Dashboard data of ``features``.
+    """Dashboard data of ``features``, from one capture and one encode of the tokens and one
+    DFA kernel call for every feature's top contexts.
 
     Args:
         model: any model a backend supports.
         sae: a hook_z SAE with a linear encoder (DFA needs one).
-        tokens: token ids ``[rows, ctx]``.
+        tokens: token ids ``[rows, ctx]``, or a ``Corpus`` of them (its capture is shared).
         features: feature indices.
         tokenizer: decodes tokens (ids are shown without one).
         counted: ``[rows, ctx]`` True where a position may be a peak and counts in the
-            histogram and density (default: every position).
-        acts: precomputed ``feature_activations`` (computed when not given).
+            histogram and density (default: the corpus's ``counted``: real positions that
+            are not special tokens).
         n_contexts: top contexts per feature.
-        batch_size: contexts per forward pass.
+        batch_size: contexts per forward pass (when ``tokens`` are ids).
         bins: histogram bins.
 
     Returns:
         One ``FeatureData`` per feature, in order.
     """
+    corpus = corpus_of(model, tokens, batch_size=batch_size)
     chosen = check_features(features, sae.cfg.d_sae).tolist()
-    if acts is None:
-        acts = feature_activations(model, sae, tokens, batch_size=batch_size)
-    acts = acts[..., chosen]  # (R, T, F)
-    counted = torch.ones(tokens.shape, dtype=torch.bool) if counted is None else counted.cpu()
+    n_contexts = check_count("n_contexts", n_contexts)
+    acts = corpus.activations(sae)[..., chosen].float().cpu()  # (R, T, F)
+    counted = (corpus.counted if counted is None else counted).cpu()
     masked = acts.masked_fill(~counted[..., None], float("-inf"))
     peak_values, peaks = masked.max(1)  # (R, F)
-    shares = head_attribution(sae, model)[chosen]
-    biases = encoder_terms(sae, torch.tensor(chosen), torch.float32).bias  # DFA's bias term
+    top = peak_values.topk(min(n_contexts, acts.shape[0]), dim=0)  # (n, F): strongest rows
+    shown = torch.zeros_like(peak_values, dtype=torch.bool)
+    shown.scatter_(0, top.indices, top.values > 0)  # only contexts where the feature fires
+    peak = dfa_at_peaks(
+        corpus.backend, sae, corpus, chosen, peaks=torch.where(shown, peaks, NO_QUERY)
+    )  # every feature's contexts in one kernel call
+    shares = head_attribution(sae, corpus.backend)[chosen]
     out = []
     for column, feature in enumerate(chosen):
-        fires = peak_values[:, column] > 0
-        order = peak_values[:, column].argsort(descending=True)
-        rows = order[fires[order]][:n_contexts]
-        contexts: tuple[FeatureContext, ...] = ()
-        if rows.numel():
-            peak = dfa_at_peaks(
-                model, sae, tokens[rows], [feature], peaks=peaks[rows, column : column + 1]
-            )
-            contexts = tuple(
-                _context(tokens, acts[..., column], peak, i, int(row), tokenizer)
-                for i, row in enumerate(rows.tolist())
-                if peak.fired[i, 0, 0]  # the SAE's own activation at the peak: always, here
-            )
+        fires = top.values[:, column] > 0
+        rows = top.indices[:, column][fires].tolist()
         values = acts[..., column][counted]
         nonzero = values[values != 0]
         edges, counts = _histogram(nonzero, bins)
@@ -154,26 +129,30 @@ def collect(
                 density=float((values != 0).float().mean()) if values.numel() else 0.0,
                 histogram_edges=edges,
                 histogram_counts=counts,
-                bias=float(biases[column]),
-                contexts=contexts,
+                bias=float(peak.bias[column]),
+                contexts=tuple(
+                    _context(corpus.tokens, acts[..., column], peak, row, column, tokenizer)
+                    for row in rows
+                    if peak.fired[row, column]  # the SAE's own activation at the peak: always
+                ),
             )
         )
     return out
 
 
 def _context(
-    tokens: Tensor, acts: Tensor, peak: DFAResult, i: int, row: int, tokenizer: Any
+    tokens: Tensor, acts: Tensor, peak: PeakDFA, row: int, column: int, tokenizer: Any
 ) -> FeatureContext:
-    position = int(peak.positions[i, 0, 0])
+    position = int(peak.positions[row, column])
     ids = tokens[row, : position + 1].tolist()
     return FeatureContext(
         prompt=row,
         position=position,
-        tokens=tuple(readable_token(decode_token(tokenizer, t)) for t in ids),
+        tokens=tuple(readable_token(text) for text in token_texts(tokenizer, ids)),
         activations=tuple(acts[row, : position + 1].tolist()),
-        pre_act=float(peak.pre_act[i, 0, 0]),
-        dfa_by_src=tuple(peak.by_src[i, 0, : position + 1, 0].tolist()),
-        dfa_by_head=tuple(peak.by_head[i, 0, :, 0].tolist()),
+        pre_act=float(peak.pre_act[row, column]),
+        dfa_by_src=tuple(peak.by_src[row, : position + 1, column].tolist()),
+        dfa_by_head=tuple(peak.by_head[row, :, column].tolist()),
     )
 
 
@@ -186,11 +165,6 @@ def _histogram(values: Tensor, bins: int) -> tuple[tuple[float, ...], tuple[int,
     counts = torch.histc(values.float(), bins=bins, min=low, max=high)
     edges = torch.linspace(low, high, bins + 1)
     return tuple(edges.tolist()), tuple(int(c) for c in counts.tolist())
-
-
-def decode_token(tokenizer: Any, token: int) -> str:
-    """One token as text (its id in angle brackets without a tokenizer)."""
-    return f"<{token}>" if tokenizer is None else str(tokenizer.decode([token]))
 
 
 VISIBLE_WHITESPACE = {" ": "·", "\n": "⏎\n", "\t": "→", "\r": "␍"}

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from sae_lens_attn.analysis.proxies import ProxyHistogram, induction_proxy, proxy_histogram
 from sae_lens_attn.analysis.recursive_dfa import RDFAResult, rdfa
-from sae_lens_attn.site import AttnSite
+from sae_lens_attn.backends import UnsupportedModelError
+from sae_lens_attn.site import AttnSite, saes_by_layer
 from sae_lens_attn.viz.dashboard.data import FeatureData
 
 
@@ -57,14 +58,15 @@ def peak_rdfa(
     expand: int = 3,
 ) -> PeakRDFA:
     """RDFA of ``data.feature`` at the peak of its strongest context, through the SAEs of the
-    earlier layers in ``upstream_saes`` (layers without one count as error terms).
+    earlier layers in ``upstream_saes`` (layers without one count as error terms). A model that
+    recursive DFA cannot split (``UnsupportedModelError``) gets a note saying why instead.
 
     Raises:
         ValueError: an upstream SAE is not of an earlier layer, or two share a layer.
     """
     layer = AttnSite.from_sae(sae, model).layer
-    upstream = [AttnSite.from_sae(s, model).layer for s in upstream_saes]
-    if any(below >= layer for below in upstream) or len(set(upstream)) < len(upstream):
+    upstream = list(saes_by_layer(upstream_saes, model)) if upstream_saes else []
+    if any(below >= layer for below in upstream):
         raise ValueError(
             f"upstream SAEs must be of distinct layers below the SAE's layer {layer}, got "
             f"layers {upstream}"
@@ -80,7 +82,7 @@ def peak_rdfa(
                 model, [sae, *upstream_saes], row, layer, data.feature, context.position,
                 expand=expand,
             )  # fmt: skip
-    except ValueError as err:  # a model rdfa cannot split: the panel says why
+    except UnsupportedModelError as err:  # a model rdfa cannot split: the panel says why
         return PeakRDFA(None, f"No recursive DFA for this model: {err}")
     notes = list(result.notes)
     if layer == 0:

@@ -20,8 +20,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sae_lens_attn.analysis.attribution import sae_convention
 from sae_lens_attn.backends import AttnBackend
+from sae_lens_attn.sae_adapter import sae_convention
 from sae_lens_attn.site import AttnSite
 
 CDN_SCRIPTS = {

@@ -1,5 +1,4 @@
-"""Analyzers for prefix-length induction and recursive DFA, registered through the
-``sae_lens_attn.analyzers`` entry points (pyproject.toml) beside the built-in ones.
+"""Analyzers of circuits: prefix-length induction and recursive DFA.
 
 Options (``AnalysisInput.options``; on the command line ``--option KEY=VALUE``):
 
@@ -8,7 +7,8 @@ Options (``AnalysisInput.options``; on the command line ``--option KEY=VALUE``):
   given tokens ``threshold`` (0.3), ``match`` (``"exact"`` or ``"fuzzy"``), ``max_corrupted``
   (100) and ``max_length`` (the last bucket of the counts, 8).
 - ``rdfa``: ``feature`` (default: the first of ``features``, else the most active), ``prompt``
-  and ``position`` (default: where that feature peaks), ``upstream_saes`` (the SAEs of earlier
+  and ``position`` (default: where that feature peaks at a real position; a position on padding
+  is refused), ``upstream_saes`` (the SAEs of earlier
   layers; without them their attention outputs are error terms), ``expand`` (3), ``depth``.
 """
 
@@ -18,14 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_lens_attn.analysis.attribution import encode_z, sae_convention
-from sae_lens_attn.analysis.builtin import top_features
+from sae_lens_attn.analysis.analyzers import NEEDS_DFA, chosen_features, shown_token
 from sae_lens_attn.analysis.long_prefix import prefix_events, prefix_induction
 from sae_lens_attn.analysis.recursive_dfa import rdfa
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
-from sae_lens_attn.validation import check_features
+from sae_lens_attn.corpus import CaptureExtra
+from sae_lens_attn.validation import check_features, check_positions
 
 
 @dataclass(frozen=True)
@@ -34,6 +32,7 @@ class _PrefixInduction:
         "attention against prefix length per head on repeated random tokens (Kissane et al.), "
         "prefix lengths of induction events in the text, and the corruption test"
     )
+    needs: frozenset[CaptureExtra] = frozenset({"pattern", "every_layer"})
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         options = inputs.options
@@ -49,7 +48,7 @@ class _PrefixInduction:
         )
         events = prefix_events(
             inputs.model,
-            inputs.tokens,
+            inputs.corpus,
             layers=layers,
             threshold=options.get("threshold", 0.3),
             match=options.get("match", "exact"),
@@ -83,6 +82,7 @@ class _RDFA:
         "recursive DFA of one feature at one position: every upstream part of the residual "
         "stream (SAE features, errors, embeddings, biases, MLPs), recursing into features"
     )
+    needs: frozenset[CaptureExtra] = NEEDS_DFA
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         options = inputs.options
@@ -93,15 +93,14 @@ class _RDFA:
             inputs.model,
             saes,
             inputs.tokens,
-            layer=AttnSite.from_sae(inputs.sae, backend_for(inputs.model)).layer,
+            layer=inputs.corpus.site_of(inputs.sae)[0].layer,
             feature=feature,
             position=position,
             prompt=prompt,
             expand=options.get("expand", 3),
             depth=options.get("depth"),
         )
-        last = result.tokens[-1]
-        token = str(last) if inputs.tokenizer is None else inputs.tokenizer.decode([last])
+        token = shown_token(inputs, result.prompt, result.position)
         summary = {
             "layer": result.layer,
             "feature": result.feature,
@@ -119,30 +118,40 @@ class _RDFA:
 
 def _feature(inputs: AnalysisInput) -> int:
     given = inputs.options.get("feature")
-    if given is None:
-        features = inputs.options.get("features")
-        given = features[0] if features else top_features(inputs, 1)[0]
-    return int(check_features([given], inputs.sae.cfg.d_sae)[0])
+    chosen = [given] if given is not None else chosen_features(inputs)[:1]
+    return int(check_features(chosen, inputs.sae.cfg.d_sae)[0])
 
 
-@torch.no_grad()
 def _query(inputs: AnalysisInput, feature: int) -> tuple[int, int]:
-    """The ``prompt`` and ``position`` options, else where ``feature`` peaks in the tokens."""
+    """The ``prompt`` and ``position`` options, else where ``feature`` is largest at a real
+    position of the corpus (of the given prompt, or at the given position)."""
     prompt, position = inputs.options.get("prompt"), inputs.options.get("position")
-    if prompt is not None and position is not None:
-        return int(prompt), int(position)
-    backend = backend_for(inputs.model)
-    site = AttnSite.from_sae(inputs.sae, backend)
-    convention = sae_convention(inputs.sae, backend.native_convention)
-    rows = inputs.tokens if prompt is None else inputs.tokens[int(prompt) : int(prompt) + 1]
-    z = backend.capture(rows, [site], convention=convention)[site.layer].z
-    acts = encode_z(inputs.sae, z)[..., feature]  # (B, pos)
+    corpus = inputs.corpus
+    acts = corpus.activations(inputs.sae)[..., feature].float()  # (B, pos)
+    real = corpus.real.to(acts.device)
+    if prompt is not None:
+        prompt = _index("prompt", prompt, acts.shape[0])
     if position is not None:
-        return int(acts[:, int(position)].argmax()) if prompt is None else int(prompt), int(
-            position
+        position = int(check_positions(torch.tensor([int(position)]), corpus.tokens[:1])[0, 0])
+    allowed = real.clone()
+    if prompt is not None:
+        allowed[torch.arange(acts.shape[0]) != prompt] = False
+    if position is not None:
+        allowed[:, torch.arange(acts.shape[1]) != position] = False
+    if not allowed.any():
+        raise ValueError(
+            f"rdfa was asked for prompt {prompt} at position {position}, which is padding: give "
+            f"a real position (the prompt's real positions: "
+            f"{real[prompt or 0].nonzero().flatten().tolist()[:20]})"
         )
-    row, peak = divmod(int(acts.flatten().argmax()), acts.shape[1])
-    return (row if prompt is None else int(prompt)), peak
+    best = int(acts.masked_fill(~allowed, float("-inf")).flatten().argmax())
+    return divmod(best, acts.shape[1])
+
+
+def _index(name: str, value: object, size: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+        raise ValueError(f"{name} must be an integer in 0..{size - 1}, got {value!r}")
+    return value
 
 
 PREFIX_INDUCTION = _PrefixInduction()

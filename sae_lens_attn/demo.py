@@ -238,19 +238,20 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
     for name in ("head_attribution", "dfa", "induction_scores"):
         for table, rows in get(name)(inputs).items():
             _write_rows(analysis / f"{table}.csv", rows)
-    report = induction_features(model, shipped, eval_tokens, head_score=INDUCTION_HEAD_SCORE)
+    shared = inputs.corpus  # one capture and one encode for analyzers, heuristics and dashboard
+    report = induction_features(model, shipped, shared, head_score=INDUCTION_HEAD_SCORE)
     _write_rows(analysis / "induction_features.csv", [row.__dict__ for row in report.rows])
     found = [row.feature for row in sorted(report.induction_features, key=lambda r: -r.pass_rate)]
     steps.update()
 
     step("writing dashboards and plots")
-    by_max = _most_active(model, shipped, eval_tokens)
+    by_max = shared.top_features(shipped, 64)
     reasons = _shown(found, by_max, options.features)
     shown = list(reasons)
     dashboard = build_dashboard(
         model,
         shipped,
-        eval_tokens,
+        shared,
         folder / "dashboard",
         features=shown,
         tokenizer=tokenizer,
@@ -357,12 +358,6 @@ def _configuration(shipped: Sequence[Any], fresh: Any, fresh_tokens: int) -> lis
         *(row(f"shipped {sae.cfg.metadata.hook_name}", sae, shipped_tokens) for sae in shipped),
         row(f"fresh {fresh.cfg.metadata.hook_name}", fresh, fresh_tokens),
     ]
-
-
-def _most_active(model: Any, sae: Any, tokens: torch.Tensor) -> list[int]:
-    from sae_lens_attn.analysis.builtin import top_features
-
-    return top_features(AnalysisInput(model, sae, tokens), 64)
 
 
 def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -1,33 +1,34 @@
-"""The built-in analyzers, registered through the ``sae_lens_attn.analyzers`` entry points."""
+"""Analyzers of heads and DFA: head attribution, DFA at the peaks, induction scores and the
+induction-feature heuristics.
+
+Options (``AnalysisInput.options``): ``features`` / ``top`` (the package's feature policy),
+``top_sources`` (DFA sources per context, 5), and for the induction analyzers
+``induction_heads``, ``head_score``, ``relative_head_score``, ``selection_share``,
+``pass_rate``, ``control_share``, ``max_contexts``, ``bos_token_id``, ``induction_seq_len``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
-
-from sae_lens_attn.analysis.attribution import encode_z, sae_convention
-from sae_lens_attn.analysis.dfa_peaks import dfa_at_peaks
+from sae_lens_attn.analysis.analyzers import NEEDS_DFA, NEEDS_Z, chosen_features, shown_token
+from sae_lens_attn.analysis.dfa_peaks import PeakDFA, dfa_at_peaks
 from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.analysis.induction import induction_scores
 from sae_lens_attn.analysis.induction_heuristics import default_seq_len, induction_features
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
-from sae_lens_attn.backends import backend_for
-from sae_lens_attn.site import AttnSite
-from sae_lens_attn.validation import check_features
+from sae_lens_attn.corpus import CaptureExtra
 
 
 @dataclass(frozen=True)
 class _HeadAttribution:
     description: str = "weight-based share of each feature's decoder norm per head"
+    needs: frozenset[CaptureExtra] = NEEDS_Z
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
-        shares = head_attribution(inputs.sae, backend_for(inputs.model))
+        shares = head_attribution(inputs.sae, inputs.corpus.backend)
         rows = []
-        for feature in _features(inputs, default=range(inputs.sae.cfg.d_sae)):
+        for feature in chosen_features(inputs):
             row = {"feature": feature, "top_head": int(shares[feature].argmax())}
             row |= {f"head_{h}": round(float(s), 6) for h, s in enumerate(shares[feature])}
             rows.append(row)
@@ -40,24 +41,17 @@ class _DFA:
         "direct feature attribution at each context's max-activating position "
         "(fired=False rows: the feature never fires in that context, nothing is attributed)"
     )
+    needs: frozenset[CaptureExtra] = NEEDS_DFA
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
-        features = _features(
-            inputs, default=top_features(inputs, int(inputs.options.get("top", 8)))
-        )
+        features = chosen_features(inputs)
         top_sources = int(inputs.options.get("top_sources", 5))
-        result = dfa_at_peaks(
-            inputs.model,
-            inputs.sae,
-            inputs.tokens,
-            features=features,
-            attention_mask=inputs.attention_mask,
-        )
+        result = peak_dfa(inputs, features)
         by_src: Table = []
         by_head: Table = []
         for column, feature in enumerate(features):
             for prompt in range(inputs.tokens.shape[0]):
-                entry = (prompt, 0, column)
+                entry = (prompt, column)
                 if not result.fired[entry]:  # never fires here: no peak, nothing attributed
                     unfired = {
                         "feature": feature,
@@ -79,21 +73,21 @@ class _DFA:
                     "prompt": prompt,
                     "fired": True,
                     "query_pos": q,
-                    "query_token": _show(inputs, prompt, q),
+                    "query_token": shown_token(inputs, prompt, q),
                     "activation": float(result.acts[entry]),
                     "pre_act": float(result.pre_act[entry]),
                 }
-                contributions = result.by_src[prompt, 0, :, column]
+                contributions = result.by_src[prompt, :, column]
                 for s in contributions.abs().argsort(descending=True)[:top_sources].tolist():
                     by_src.append(
                         base
                         | {
                             "source_pos": s,
-                            "source_token": _show(inputs, prompt, s),
+                            "source_token": shown_token(inputs, prompt, s),
                             "contribution": float(contributions[s]),
                         }
                     )
-                for h, value in enumerate(result.by_head[prompt, 0, :, column].tolist()):
+                for h, value in enumerate(result.by_head[prompt, :, column].tolist()):
                     by_head.append(base | {"head": h, "contribution": value})
         return {"dfa_by_src": by_src, "dfa_by_head": by_head}
 
@@ -101,6 +95,7 @@ class _DFA:
 @dataclass(frozen=True)
 class _InductionScores:
     description: str = "induction score of every head (repeated random tokens)"
+    needs: frozenset[CaptureExtra] = NEEDS_Z
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         scores = induction_scores(
@@ -120,6 +115,7 @@ class _InductionScores:
 @dataclass(frozen=True)
 class _InductionFeatures:
     description: str = "Kissane et al.'s induction selection and behaviour heuristics, with control"
+    needs: frozenset[CaptureExtra] = NEEDS_DFA
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         options = {k: v for k, v in inputs.options.items() if k in _INDUCTION_OPTIONS}
@@ -129,7 +125,7 @@ class _InductionFeatures:
         report = induction_features(
             inputs.model,
             inputs.sae,
-            inputs.tokens,
+            inputs.corpus,
             features=inputs.options.get("features"),
             **options,
         )
@@ -167,41 +163,16 @@ INDUCTION_SCORES = _InductionScores()
 INDUCTION_FEATURES = _InductionFeatures()
 
 
-@torch.no_grad()
-def sae_activations(inputs: AnalysisInput) -> Float[Tensor, " batch pos d_sae"]:
-    """The SAE's activations at every position of ``inputs.tokens`` (padding included)."""
-    backend = backend_for(inputs.model)
-    site = AttnSite.from_sae(inputs.sae, backend)
-    convention = sae_convention(inputs.sae, backend.native_convention)
-    z = backend.capture(
-        inputs.tokens, [site], convention=convention, attention_mask=inputs.attention_mask
-    )[site.layer].z
-    return encode_z(inputs.sae, z)
-
-
-def top_features(inputs: AnalysisInput, n: int) -> list[int]:
-    """The ``n`` features with the largest activation anywhere in ``inputs.tokens``."""
-    acts = sae_activations(inputs)
-    if inputs.attention_mask is not None:
-        acts = acts * inputs.attention_mask[..., None]
-    return acts.flatten(0, 1).amax(0).topk(min(n, acts.shape[-1])).indices.tolist()
+def peak_dfa(inputs: AnalysisInput, features: list[int]) -> PeakDFA:
+    """DFA of ``features`` at their peaks in the corpus: computed once per command, shared by
+    the DFA analyzer's tables and the plots drawn from them."""
+    key = ("peak_dfa", id(inputs.sae), tuple(features))
+    return inputs.corpus.memo(
+        key, lambda: dfa_at_peaks(inputs.model, inputs.sae, inputs.corpus, features=features)
+    )
 
 
 def induction_seq_len(inputs: AnalysisInput) -> int:
     """The ``induction_seq_len`` option, else 40 or as long as the model's context allows."""
     given = inputs.options.get("induction_seq_len")
     return int(given) if given is not None else default_seq_len(inputs.model)
-
-
-def _features(inputs: AnalysisInput, default: Any) -> list[int]:
-    given = inputs.options.get("features")
-    return check_features(
-        given if given is not None else list(default), inputs.sae.cfg.d_sae
-    ).tolist()
-
-
-def _show(inputs: AnalysisInput, prompt: int, pos: int) -> str:
-    token: Tensor = inputs.tokens[prompt, pos]
-    if inputs.tokenizer is None:
-        return str(int(token))
-    return inputs.tokenizer.decode([int(token)])

@@ -1,7 +1,7 @@
-"""Analyzers for feature logits, feature families and head polysemanticity, registered through
-the ``sae_lens_attn.analyzers`` entry points (pyproject.toml) beside the built-in ones.
+"""Analyzers of what features read and write: feature logits, feature families, head
+polysemanticity and proxy histograms.
 
-Options (``AnalysisInput.options``): ``features`` (default: the ``top`` most active), ``k``
+Options (``AnalysisInput.options``): ``features`` / ``top`` (the package's feature policy), ``k``
 (tokens per direction of ``feature_logits``, default 20), ``head_k`` (top features per head,
 default 10), ``confidence`` (default 0.5), ``n_contexts`` (default 20) and any field of
 ``FamilyThresholds`` (``logit_z``, ``min_share``, ...); for ``proxy_histogram``, ``proxy``
@@ -14,24 +14,25 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from sae_lens_attn.analysis.builtin import sae_activations, top_features
+from sae_lens_attn.analysis.analyzers import NEEDS_DFA, NEEDS_Z, chosen_features
 from sae_lens_attn.analysis.families import FAMILIES, FamilyThresholds, feature_families
 from sae_lens_attn.analysis.logits import feature_logits
 from sae_lens_attn.analysis.polysemantic_heads import polysemanticity
 from sae_lens_attn.analysis.proxies import proxy_histogram, proxy_mask
 from sae_lens_attn.analysis.registry import AnalysisInput, Table
-from sae_lens_attn.validation import check_features
+from sae_lens_attn.corpus import CaptureExtra
 
 
 @dataclass(frozen=True)
 class _FeatureLogits:
     description: str = "tokens each feature's direct effect (W_dec·W_O·W_U) raises and lowers most"
+    needs: frozenset[CaptureExtra] = NEEDS_Z
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         result = feature_logits(
             inputs.model,
             inputs.sae,
-            _features(inputs),
+            chosen_features(inputs),
             k=int(inputs.options.get("k", 20)),
             tokenizer=inputs.tokenizer,
         )
@@ -60,17 +61,17 @@ class _FeatureLogits:
 @dataclass(frozen=True)
 class _FeatureFamilies:
     description: str = "family of each feature from its top DFA source and logit effect"
+    needs: frozenset[CaptureExtra] = NEEDS_DFA
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         result = feature_families(
             inputs.model,
             inputs.sae,
-            inputs.tokens,
-            _features(inputs),
+            inputs.corpus,
+            chosen_features(inputs),
             thresholds=_thresholds(inputs),
             n_contexts=int(inputs.options.get("n_contexts", 20)),
             tokenizer=inputs.tokenizer,
-            attention_mask=inputs.attention_mask,
         )
         rows: Table = []
         for column, feature in enumerate(result.features.tolist()):
@@ -89,19 +90,19 @@ class _FeatureFamilies:
 @dataclass(frozen=True)
 class _Polysemanticity:
     description: str = "whether each head's top features span more than one family"
+    needs: frozenset[CaptureExtra] = NEEDS_DFA
 
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         confidence = float(inputs.options.get("confidence", 0.5))
         result = polysemanticity(
             inputs.model,
             inputs.sae,
-            inputs.tokens,
+            inputs.corpus,
             k=int(inputs.options.get("head_k", 10)),
             confidence=confidence,
             thresholds=_thresholds(inputs),
             n_contexts=int(inputs.options.get("n_contexts", 20)),
             tokenizer=inputs.tokenizer,
-            attention_mask=inputs.attention_mask,
         )
         tops: Table = []
         for top in result.head_features:
@@ -147,14 +148,15 @@ class _ProxyHistogram:
         "each feature's activation histogram stacked by a proxy (default: induction) and its "
         "expected value per bin (Kissane et al.'s Figure 2)"
     )
+    needs: frozenset[CaptureExtra] = NEEDS_Z
 
     @torch.no_grad()
     def __call__(self, inputs: AnalysisInput) -> dict[str, Table]:
         name = str(inputs.options.get("proxy", "induction"))
         proxy = proxy_mask(name, inputs.tokens)  # an unknown name fails before any model pass
-        features = _features(inputs)
+        features = chosen_features(inputs)
         counted = None if inputs.attention_mask is None else inputs.attention_mask.bool()
-        acts = sae_activations(inputs)[..., features]  # (B, pos, F)
+        acts = inputs.corpus.activations(inputs.sae)[..., features]  # (B, pos, F)
         bins, summary = [], []
         for column, feature in enumerate(features):
             hist = proxy_histogram(
@@ -179,12 +181,6 @@ class _ProxyHistogram:
                 }
             )
         return {"proxy_histogram": bins, "proxy_summary": summary}
-
-
-def _features(inputs: AnalysisInput) -> list[int]:
-    given = inputs.options.get("features")
-    chosen = given if given is not None else top_features(inputs, int(inputs.options.get("top", 8)))
-    return check_features(chosen, inputs.sae.cfg.d_sae).tolist()
 
 
 def _thresholds(inputs: AnalysisInput) -> FamilyThresholds:

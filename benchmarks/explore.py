@@ -32,9 +32,9 @@ import torch
 from sae_lens import SAE
 
 import sae_lens_attn as sla
-from sae_lens_attn.sae_adapter import encode_z, sae_convention
 from sae_lens_attn.cli.explore import held_out_contexts
 from sae_lens_attn.explorer import ExplorerSession, create_app, serving
+from sae_lens_attn.sae_adapter import encode_z, sae_convention
 from sae_lens_attn.site import ValueBiasConvention
 
 parser = argparse.ArgumentParser(

@@ -11,7 +11,7 @@ Ask for everything a command will need before the first capture (``keep``): a la
 patterns or values a capture lacks reads the corpus again (``reads`` counts it). Results derived
 from the captures (the top features, DFA at the peaks) are kept under a key (``memo``).
 
-Example:
+Examples:
     >>> corpus = Corpus(model, tokens, keep={"pattern", "values"})
     >>> acts = corpus.activations(sae)          # [batch, pos, d_sae], one capture, one encode
     >>> peak = sla.analysis.dfa_at_peaks(model, sae, corpus, features=[3, 7])  # no new capture
@@ -241,6 +241,24 @@ def corpus_of(
             "Corpus(model, tokens, attention_mask)"
         )
     return tokens
+
+
+def sae_activations(
+    model: Any,
+    sae: SAE[Any],
+    tokens: Int[Tensor, " batch pos"] | Corpus,
+    attention_mask: Int[Tensor, " batch pos"] | None = None,
+    *,
+    pre: bool = False,
+    batch_size: int = 16,
+) -> Encoded:
+    """An SAE's activations (and with ``pre``, its pre-activations) at every position of
+    ``tokens``, through any backend, ``batch_size`` rows per forward pass.
+
+    Examples:
+        >>> acts, pre = sae_activations(model, sae, tokens, pre=True)  # [batch, pos, d_sae] each
+    """
+    return corpus_of(model, tokens, attention_mask, batch_size=batch_size).encode(sae, pre=pre)
 
 
 def real_positions(

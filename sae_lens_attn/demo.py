@@ -21,12 +21,15 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from sae_lens_attn.analysis import AnalysisInput, get, head_attribution, induction_features
+from sae_lens_attn.analysis.analyzers.causal import repeat_positions
+from sae_lens_attn.analysis.analyzers.repeats import induction_ablation
 from sae_lens_attn.default_model import RELEASE_NAME, corpus, load_default_model
 from sae_lens_attn.default_model.metrics import read_metrics
 from sae_lens_attn.evaluation import evaluate
 from sae_lens_attn.outputs import atomic_output
 from sae_lens_attn.store import TokenBatches
 from sae_lens_attn.training.train import train_attn_saes
+from sae_lens_attn.viz.causal_plots import induction_ablation_png
 from sae_lens_attn.viz.dashboard.build import build_dashboard
 from sae_lens_attn.viz.plots import (
     feature_density_png,
@@ -139,6 +142,10 @@ class DemoResult:
     """Behaviour pass rate of the negative-control features."""
     seconds: float
     """Wall time of the whole demo."""
+    induction_ablation: dict[str, float] = field(default_factory=dict)
+    """Set (``induction``, ``control``, ``matched``, ``error term``) → change of the induced
+    token's logit when it is zero-ablated at once at the second occurrence of repeated spans
+    (``analysis.analyzers.repeats.induction_ablation``); empty without repeated spans."""
 
 
 def run_demo(options: DemoOptions) -> DemoResult:
@@ -242,6 +249,11 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
     report = induction_features(model, shipped, shared, head_score=INDUCTION_HEAD_SCORE)
     _write_rows(analysis / "induction_features.csv", [row.__dict__ for row in report.rows])
     found = [row.feature for row in sorted(report.induction_features, key=lambda r: -r.pass_rate)]
+    causal: list[dict[str, Any]] = []
+    if repeat_positions(shared).any():  # the causal check: one pass per ablated set
+        verdicts = {row.feature: row.verdict for row in report.rows}
+        causal, _ = induction_ablation(model, shipped, shared, verdicts)
+        _write_rows(analysis / "induction_ablation.csv", causal)
     steps.update()
 
     step("writing dashboards and plots")
@@ -266,6 +278,8 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         folder / "plots" / "head_attribution.png",
         title=f"layer {options.layer}: head attribution",
     )
+    if causal:
+        induction_ablation_png(causal, folder / "plots" / "induction_ablation.png")
     steps.update()
 
     step("writing the summary")
@@ -278,6 +292,7 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         induction_features=found,
         control_pass_rate=report.control_pass_rate(),
         seconds=seconds,
+        induction_ablation={str(row["set"]): row["delta_logit"] for row in causal},
     )
     _write_summary(
         result,
@@ -286,6 +301,7 @@ def _run(options: DemoOptions, folder: Path, start: float) -> DemoResult:
         dashboard.index.relative_to(folder),
         eval_tokens.shape,
         _configuration(layer_saes, fresh, options.train_tokens),
+        causal,
     )
     steps.update()
     steps.close()
@@ -375,6 +391,7 @@ def _write_summary(
     dashboard: Path,
     shape: Any,
     configuration: Sequence[str],
+    causal: Sequence[dict[str, Any]] = (),
 ) -> None:
     heads = ", ".join(f"H{h} {s:.2f}" for h, s in enumerate(report.head_scores))
     names = list(result.evaluation)
@@ -411,6 +428,7 @@ def _write_summary(
         f"{result.control_pass_rate:.2f} (features under {thresholds['control_share']:.0%} in "
         "the induction heads).",
         "",
+        *_causal_lines(causal),
         "## What the figures mean",
         "",
         *(f"- {name}: {what}; {better}." for name, (what, better) in METRIC_DEFINITIONS.items()),
@@ -420,6 +438,11 @@ def _write_summary(
         "![loss recovered per layer](plots/layers.png)",
         "![feature density per layer](plots/feature_density.png)",
         "![head attribution of the dashboard's features](plots/head_attribution.png)",
+        *(
+            ["![zero-ablating feature sets at repeated spans](plots/induction_ablation.png)"]
+            if causal
+            else []
+        ),
         "",
         "## Files",
         "",
@@ -428,11 +451,47 @@ def _write_summary(
         "index gives each one's reason and induction verdict",
         "- [evaluation.csv](evaluation.csv) — fresh and shipped SAE on held-out contexts",
         "- [evaluation_per_layer.csv](evaluation_per_layer.csv) — the shipped SAEs per layer",
-        "- [analysis/](analysis/) — analyzer tables (DFA, head attribution, induction)",
+        "- [analysis/](analysis/) — analyzer tables (DFA, head attribution, induction, "
+        "induction ablation)",
         "- [fresh_sae/](fresh_sae/) — the SAE trained here, SAELens format",
     ]
     result.summary_md.write_text("\n".join(lines) + "\n")
     result.summary_html.write_text(_markdown_page(lines))
+
+
+def _causal_lines(causal: Sequence[dict[str, Any]]) -> list[str]:
+    """The summary's causal check: what ablating each set does to the induced token's logit."""
+    if not causal:
+        return [
+            "## Causal check",
+            "",
+            "No held-out context repeats a span, so no feature was ablated at one.",
+            "",
+        ]
+    by_set = {str(row["set"]): row for row in causal}
+    first = causal[0]
+
+    def effect(name: str) -> str:
+        row = by_set[name]
+        if row["delta_logit"] is None:
+            return f"{name}: no features"
+        size = "" if row["activation"] is None else f"{row['features']} features, "
+        return (
+            f"{name} ({size}logit {row['delta_logit']:+.3f}, log-probability "
+            f"{row['delta_logprob']:+.3f}, lower in {row['contexts_lower']:.0%} of contexts)"
+        )
+
+    return [
+        "## Causal check",
+        "",
+        f"Zero-ablating each set of layer-1 features at once, with the error term kept, at the "
+        f"second occurrence of repeated spans ({first['positions']} positions in "
+        f"{first['contexts']} held-out contexts; clean logit of the induced token "
+        f"{first['clean']:.2f}): " + "; ".join(effect(name) for name in by_set) + ". The "
+        "matched set is the most active other features with the induction set's summed "
+        "activation there.",
+        "",
+    ]
 
 
 def _markdown_page(lines: Sequence[str]) -> str:
@@ -505,4 +564,5 @@ def _moved(result: DemoResult, old: Path, new: Path) -> DemoResult:
         induction_features=result.induction_features,
         control_pass_rate=result.control_pass_rate,
         seconds=result.seconds,
+        induction_ablation=result.induction_ablation,
     )

@@ -6,53 +6,15 @@ from typing import Any
 
 import pytest
 import torch
-from sae_lens import (
-    SAE,
-    GatedSAE,
-    GatedSAEConfig,
-    JumpReLUSAE,
-    JumpReLUSAEConfig,
-    StandardSAE,
-    StandardSAEConfig,
-    TopKSAE,
-    TopKSAEConfig,
-)
 
 import sae_lens_attn as sla
-from sae_lens_attn import AttnSite, backend_for
+from sae_lens_attn import AttnSite
 from sae_lens_attn.sae_adapter import encode_z
 
-from .hf_twins import PAD_ID, VOCAB_SIZE, build_hf
-from .test_dfa_sae_flags import sae_lens_encode
+from .factories import batch, independent_z, random_sae, sae_lens_encode
+from .hf_twins import PAD_ID, build_hf
 
-SAE_CLASSES: dict[str, tuple[type[SAE[Any]], type[Any], dict[str, Any]]] = {
-    "standard": (StandardSAE, StandardSAEConfig, {}),
-    "topk": (TopKSAE, TopKSAEConfig, {"k": 5}),
-    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),  # also what BatchTopK saves as
-}
-
-
-def random_sae(
-    site: AttnSite, architecture: str = "standard", *, d_sae: int = 96, seed: int = 0, **meta: Any
-) -> SAE[Any]:
-    sae_cls, cfg_cls, kwargs = SAE_CLASSES.get(architecture, (GatedSAE, GatedSAEConfig, {}))
-    cfg = cfg_cls(d_in=site.d_in, d_sae=d_sae, reshape_activations="hook_z", **kwargs)
-    for key, value in {
-        "hook_name": site.hook_name,
-        "n_heads": site.n_heads,
-        "n_kv_heads": site.n_kv_heads,
-        "d_head": site.d_head,
-        **meta,
-    }.items():
-        cfg.metadata[key] = value
-    torch.manual_seed(seed)
-    sae = sae_cls(cfg)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.normal_(0, 0.3)
-    return sae
-
-
+SAE_ARCHITECTURES = ("standard", "topk", "jumprelu")  # jumprelu: also what BatchTopK saves as
 MODELS = ["tl-mha", "tl-gqa", "hf-gpt2", "hf-llama", "hf-neox"]
 
 
@@ -61,11 +23,7 @@ def any_backend_model(request, model, gqa_model) -> Any:
     return {"tl-mha": model, "tl-gqa": gqa_model}.get(request.param) or build_hf(request.param[3:])
 
 
-def batch(n: int = 3, pos: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB_SIZE, (n, pos), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("architecture", list(SAE_CLASSES))
+@pytest.mark.parametrize("architecture", SAE_ARCHITECTURES)
 @pytest.mark.parametrize("convention", ["folded", "included"])
 def test_dfa_sums_to_the_pre_activation(any_backend_model, architecture, convention) -> None:
     site = AttnSite.from_model(any_backend_model, 1)
@@ -77,7 +35,7 @@ def test_dfa_sums_to_the_pre_activation(any_backend_model, architecture, convent
     )
     torch.testing.assert_close(result.by_head.sum(2), result.by_src.sum(2), atol=1e-4, rtol=1e-4)
     # pre_act is the SAE's own pre-activation (hook_sae_acts_pre) on z in its convention
-    z = backend_for(any_backend_model).capture(tokens, [site], convention=convention)[1].z
+    z = independent_z(any_backend_model, tokens, 1, convention=convention)
     hidden_pre, acts = sae_lens_encode(sae, z)
     torch.testing.assert_close(result.pre_act, hidden_pre, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(result.acts, acts, atol=1e-4, rtol=1e-4)
@@ -194,7 +152,7 @@ def test_dfa_at_peaks_equals_the_full_dfa_at_each_features_peak(
     full = sla.analysis.dfa(any_backend_model, sae, tokens)
     peaks = sla.analysis.dfa_at_peaks(any_backend_model, sae, tokens, feature_chunk=17)
     assert peaks.by_src.shape == (3, 12, 96) and peaks.by_head.shape == (3, site.n_heads, 96)
-    z = backend_for(any_backend_model).capture(tokens, [site], convention="folded")[1].z
+    z = independent_z(any_backend_model, tokens, 1, convention="folded")
     acts = encode_z(sae, z)  # the SAE's own activations
     fired = acts.max(1).values > 0  # (B, F)
     assert torch.equal(peaks.fired, fired) and not fired.all()  # some never fire in a prompt

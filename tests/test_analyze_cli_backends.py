@@ -13,8 +13,8 @@ import torch
 from sae_lens_attn import AttnSite
 from sae_lens_attn.cli.main import main
 
+from .factories import random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_analysis_dfa import random_sae
 
 ANALYZERS = (
     "feature_logits",

@@ -13,9 +13,8 @@ from sae_lens_attn import AttnSite
 from sae_lens_attn.analysis import AnalysisInput, registry
 from sae_lens_attn.outputs import OUTPUT_MARKER
 
+from .factories import batch, random_sae
 from .hf_twins import VOCAB_SIZE as VOCAB
-from .test_analysis_dfa import batch, random_sae
-from .test_dfa_sae_flags import make_sae
 
 
 def test_builtins_register_through_entry_points() -> None:
@@ -103,7 +102,7 @@ def test_induction_behaviour_matches_dfa_context_by_context(
     """The pass rate equals a brute-force count over the contexts with sla.analysis.dfa, also
     for an SAE that normalises its input (the behaviour test runs on the one DFA kernel)."""
     site = AttnSite.from_model(model, 1)
-    sae = make_sae(
+    sae = random_sae(
         site, "standard", tmp_path, normalize_activations=normalize_activations, d_sae=32
     )
     tokens = torch.randint(

@@ -18,8 +18,8 @@ import sae_lens_attn as sla
 from sae_lens_attn.analysis import AnalysisInput, Corpus
 from sae_lens_attn.analysis.registry import capture_needs
 
+from .factories import random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_analysis_dfa import random_sae
 
 OPTIONS = {
     "top": 3,
@@ -31,6 +31,9 @@ OPTIONS = {
     "max_contexts": 20,
     "induction_seq_len": 6,
     "bos_token_id": 0,
+    "prompts": "repeated",  # the causal analyzers' prompts: IOI needs a tokenizer
+    "n_prompts": 4,
+    "repeat_len": 6,
 }
 
 

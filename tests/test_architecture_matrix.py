@@ -46,13 +46,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from sae_lens import StandardSAE, StandardSAEConfig
 from torch import Tensor, nn
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, NNsightBackend, backend_for
 from sae_lens_attn.backends import architectures as arch_table
 
+from .factories import batch, random_sae, sae_lens_encode
 from .hf_twins import make_tokenizer
 
 if TYPE_CHECKING:
@@ -351,10 +351,6 @@ def built(key: str) -> Any:
     return model.eval()
 
 
-def tokens_for(batch: int = 3, pos: int = 12, seed: int = 0) -> Tensor:
-    return torch.randint(2, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
-
-
 def layer_of(key: str, layer: int) -> nn.Module:
     return built(key).get_submodule(f"{CASES[key].layers}.{layer}")
 
@@ -404,35 +400,6 @@ def reference_z(key: str, tokens: Tensor) -> dict[int, Tensor]:
     return seen
 
 
-def random_sae(site: AttnSite, seed: int = 0) -> StandardSAE:
-    cfg = StandardSAEConfig(d_in=site.d_in, d_sae=D_SAE, reshape_activations="hook_z")
-    meta = {"hook_name": site.hook_name, "n_heads": site.n_heads, "n_kv_heads": site.n_kv_heads}
-    for name, value in {**meta, "d_head": site.d_head, "value_bias_convention": "included"}.items():
-        cfg.metadata[name] = value
-    sae = StandardSAE(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    return sae
-
-
-def hook_sae_acts_pre(sae: StandardSAE, z: Tensor) -> Tensor:
-    """SAELens's own pre-activation of ``z`` ``[..., n_heads, d_head]``."""
-    seen: list[Tensor] = []
-
-    def keep(_module: nn.Module, _inputs: Any, out: Tensor) -> None:
-        seen.append(out)
-
-    handle = sae.hook_sae_acts_pre.register_forward_hook(keep)
-    try:
-        with torch.no_grad():
-            sae.encode(z if sae.hook_z_reshaping_mode else z.flatten(-2))
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def norm_of(key: str, layer: int) -> nn.Module | None:
     """The norm the case says feeds the values of ``layer``."""
     norm = CASES[key].norm
@@ -471,7 +438,7 @@ def test_z(key: str) -> None:
         CASES[key].kv_heads,
         z_width(key),
     )
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     reference = reference_z(key, tokens)
     caps = b.capture(tokens, [b.site(0), site], convention="included")
     for layer, cap in caps.items():
@@ -481,7 +448,7 @@ def test_z(key: str) -> None:
 @each_case
 def test_patterns(key: str) -> None:
     b = backend(key)
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     with torch.no_grad():
         attentions = built(key)(tokens, output_attentions=True).attentions
     reference = reference_z(key, tokens)
@@ -496,14 +463,14 @@ def test_patterns(key: str) -> None:
 @each_case
 def test_dfa(key: str) -> None:
     site = backend(key).site(1)
-    sae = random_sae(site)
-    tokens = tokens_for()
+    sae = random_sae(site, d_sae=D_SAE, value_bias_convention="included")
+    tokens = batch(vocab=VOCAB)
     result = sla.analysis.dfa(built(key), sae, tokens)
     torch.testing.assert_close(
         result.by_src.sum(2) + result.bias, result.pre_act, atol=1e-4, rtol=1e-4
     )
     z = reference_z(key, tokens)[1].unflatten(-1, (site.n_heads, site.d_head))
-    torch.testing.assert_close(result.pre_act, hook_sae_acts_pre(sae, z), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.pre_act, sae_lens_encode(sae, z)[0], atol=1e-4, rtol=1e-4)
     assert result.pre_act.abs().max() > 0.1
 
 
@@ -527,7 +494,7 @@ def _splice_hook(site: AttnSite, bias: Tensor) -> Callable[[int, Tensor], Tensor
 def test_splice(key: str) -> None:
     b = backend(key)
     site = b.site(1)
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     with torch.no_grad():
         clean = built(key)(tokens).logits
         with pre_hooks(key, _splice_hook(site, torch.zeros(()))):
@@ -547,8 +514,9 @@ def _ce(logits: Tensor, tokens: Tensor) -> float:
 @each_case
 def test_evaluate(key: str) -> None:
     site = backend(key).site(1)
-    tokens = tokens_for()
-    metrics = sla.evaluate(built(key), random_sae(site), tokens, batch_size=3, progress=False)
+    tokens = batch(vocab=VOCAB)
+    sae = random_sae(site, d_sae=D_SAE, value_bias_convention="included")
+    metrics = sla.evaluate(built(key), sae, tokens, batch_size=3, progress=False)
     assert all(math.isfinite(value) for value in metrics.values()), dict(metrics)
     assert metrics["l0"] > 0
     with torch.no_grad():
@@ -563,7 +531,7 @@ def test_evaluate(key: str) -> None:
 @each_case
 def test_folded(key: str) -> None:
     case, b = CASES[key], backend(key)
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     sites = [b.site(0), b.site(1)]
     if case.refusal is not None:
         match = (
@@ -635,7 +603,7 @@ def test_every_table_row_has_a_case() -> None:
 def test_olmo_clip_bites_and_values_are_read_clamped() -> None:
     """The clip_qkv case clamps some values (else its DFA check would prove nothing)."""
     key = "olmo_clip"
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     raw: list[Tensor] = []
 
     def keep(_module: nn.Module, _inputs: Any, out: Tensor) -> None:
@@ -785,7 +753,7 @@ def test_bridge_z(key: str) -> None:
     b = bridged(key)
     site = b.site(1)
     assert (site.n_heads, site.n_kv_heads) == (N_HEADS, CASES[key].kv_heads)
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     reference = reference_z(key, tokens)
     caps = b.capture(tokens, [b.site(0), site], convention="included")
     for layer, cap in caps.items():
@@ -795,7 +763,7 @@ def test_bridge_z(key: str) -> None:
 @_bridge_cases("bridge_patterns")
 def test_bridge_patterns(key: str) -> None:
     b = bridged(key)
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     with torch.no_grad():
         attentions = built(key)(tokens, output_attentions=True).attentions
     reference = reference_z(key, tokens)
@@ -810,7 +778,7 @@ def test_bridge_patterns(key: str) -> None:
 def test_bridge_splice(key: str) -> None:
     b = bridged(key)
     site = b.site(1)
-    tokens = tokens_for()
+    tokens = batch(vocab=VOCAB)
     with torch.no_grad():
         clean = built(key)(tokens).logits
         with pre_hooks(key, _splice_hook(site, torch.zeros(()))):

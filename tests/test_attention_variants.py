@@ -14,8 +14,7 @@ BLOOM, whose forward rejects unknown keywords; DeepSeek's multi-head latent atte
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -29,8 +28,8 @@ import sae_lens_attn as sla
 from sae_lens_attn import NNsightBackend, backend_for
 from sae_lens_attn.backends import architectures as arch_table
 
-from .hf_twins import VOCAB_SIZE, build_hf, supports_sdpa
-from .test_analysis_dfa import random_sae
+from .factories import batch, independent_z, out_proj, out_proj_hooks, out_proj_inputs, random_sae
+from .hf_twins import build_hf, supports_sdpa
 
 VARIANTS = (
     "gemma2_softcap",
@@ -74,54 +73,10 @@ def _params(cases: Sequence[tuple[str, ...]]) -> list[Any]:
     ]
 
 
-def tokens_for(batch: int = 3, pos: int = 12, seed: int = 0) -> Tensor:
-    return torch.randint(2, VOCAB_SIZE, (batch, pos), generator=torch.Generator().manual_seed(seed))
-
-
 def backend(model: Any) -> NNsightBackend:
     b = backend_for(model)
     assert isinstance(b, NNsightBackend)
     return b
-
-
-def out_proj(model: Any, layer: int) -> torch.nn.Module:
-    """The HF output projection of ``layer``, found by class, not through the backend's table."""
-    name = type(model).__name__
-    if name == "BloomForCausalLM":
-        return model.transformer.h[layer].self_attention.dense
-    if name == "OPTForCausalLM":
-        return model.model.decoder.layers[layer].self_attn.out_proj
-    return model.model.layers[layer].self_attn.o_proj
-
-
-@contextmanager
-def pre_hooks(model: Any, hook: Callable[[int, Tensor], Tensor | None]) -> Iterator[None]:
-    """``hook(layer, z_flat)`` on every output projection's input; a returned tensor replaces it."""
-
-    def make(layer: int) -> Any:
-        def pre_hook(_module: Any, args: tuple[Any, ...]) -> Any:
-            new = hook(layer, args[0])
-            return None if new is None else (new, *args[1:])
-
-        return pre_hook
-
-    handles = [
-        out_proj(model, layer).register_forward_pre_hook(make(layer))
-        for layer in range(model.config.num_hidden_layers)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def reference_z(model: Any, tokens: Tensor) -> dict[int, Tensor]:
-    """z of every layer as a plain torch pre-hook on the output projection sees it."""
-    seen: dict[int, Tensor] = {}
-    with torch.no_grad(), pre_hooks(model, lambda layer, z: seen.__setitem__(layer, z.detach())):
-        model(tokens)
-    return seen
 
 
 @cache
@@ -140,9 +95,9 @@ each_model_and_convention = pytest.mark.parametrize(
 def test_z_is_the_output_projection_input(arch, implementation) -> None:
     model = built(arch, implementation)
     b = backend(model)
-    tokens = tokens_for()
+    tokens = batch()
     sites = [b.site(0), b.site(1)]
-    reference = reference_z(model, tokens)
+    reference = out_proj_inputs(model, tokens)
     included = b.capture(tokens, sites, convention="included")
     for site in sites:
         torch.testing.assert_close(included[site.layer].z.flatten(-2), reference[site.layer])
@@ -158,10 +113,10 @@ def test_patterns_are_the_eager_models_attentions(arch, implementation) -> None:
     """With patterns, the whole pass runs eagerly: patterns and z are the eager model's."""
     model = built(arch, implementation)
     eager = built(arch)  # same seed, same weights
-    tokens = tokens_for()
+    tokens = batch()
     with torch.no_grad():
         attentions = eager(tokens, output_attentions=True).attentions
-    want_z = reference_z(eager, tokens)
+    want_z = out_proj_inputs(eager, tokens)
     b = backend(model)
     caps = b.capture(tokens, [b.site(0), b.site(1)], pattern=True, convention="included")
     for layer, cap in caps.items():
@@ -176,15 +131,13 @@ def test_dfa_sums_to_the_pre_activation(arch, implementation, convention) -> Non
     model = built(arch, implementation)
     site = backend(model).site(1)
     sae = random_sae(site, value_bias_convention=convention)
-    tokens = tokens_for()
+    tokens = batch()
     result = sla.analysis.dfa(model, sae, tokens)
     torch.testing.assert_close(
         result.by_src.sum(2) + result.bias, result.pre_act, atol=1e-4, rtol=1e-4
     )
     # and pre_act is the SAE's pre-activation on the eager model's z (the pass DFA ran)
-    z = reference_z(built(arch), tokens)[1].unflatten(-1, (site.n_heads, site.d_head))
-    if convention == "folded":
-        z = z - backend(model).value_bias(site)
+    z = independent_z(built(arch), tokens, 1, convention=convention)
     hidden_pre = (z.flatten(-2) - sae.b_dec) @ sae.W_enc + getattr(sae, "b_enc", 0)
     torch.testing.assert_close(result.pre_act, hidden_pre, atol=1e-4, rtol=1e-4)
 
@@ -205,10 +158,10 @@ def test_splice_changes_logits_as_a_pre_hook_would(arch, implementation, convent
         z = z_flat.unflatten(-1, (site.n_heads, site.d_head))
         return (replace(z - bias) + bias).flatten(-2)
 
-    tokens = tokens_for()
+    tokens = batch()
     with torch.no_grad():
         clean = model(tokens).logits
-        with pre_hooks(model, hook):
+        with out_proj_hooks(model, hook):
             want = model(tokens).logits
         with b.splicing({site: replace}, convention=convention):
             got = b.forward(tokens)
@@ -223,8 +176,8 @@ def test_gemma2_sdpa_softcap_patterns_and_z_come_from_one_eager_pass() -> None:
     SDPA model computes; with patterns (and values, for DFA) the pass runs eagerly, z included."""
     sdpa, eager = (build_hf("gemma2_softcap", attn_implementation=i) for i in ("sdpa", "eager"))
     assert sdpa.config.attn_logit_softcapping == 1.0
-    tokens = tokens_for()
-    sdpa_z, eager_z = reference_z(sdpa, tokens), reference_z(eager, tokens)
+    tokens = batch()
+    sdpa_z, eager_z = out_proj_inputs(sdpa, tokens), out_proj_inputs(eager, tokens)
     assert (sdpa_z[1] - eager_z[1]).abs().max() > 1.0  # measured 1.9: the softcap matters
     b = backend(sdpa)
     sites = [b.site(0), b.site(1)]
@@ -250,7 +203,7 @@ def test_attention_sinks_leave_rows_summing_to_less_than_one() -> None:
     assert arch_table.hf_architecture("GptOssForCausalLM").attention_sinks
     b = backend(model)
     caps = b.capture(
-        tokens_for(), [b.site(0), b.site(1)], pattern=True, values=True, convention="included"
+        batch(), [b.site(0), b.site(1)], pattern=True, values=True, convention="included"
     )
     for cap in caps.values():
         assert cap.pattern is not None and cap.values is not None
@@ -274,11 +227,11 @@ def test_folded_convention_is_refused(arch) -> None:
     with pytest.raises(ValueError, match=match):
         b.value_bias(site)
     with pytest.raises(ValueError, match=match):
-        b.capture(tokens_for(), [site], convention="folded")
+        b.capture(batch(), [site], convention="folded")
     with pytest.raises(ValueError, match=match), b.splicing({site: lambda z: z}):
         pass
     with pytest.raises(ValueError, match=match):
-        sla.analysis.dfa(model, random_sae(site, value_bias_convention="folded"), tokens_for())
+        sla.analysis.dfa(model, random_sae(site, value_bias_convention="folded"), batch())
 
 
 def test_post_ln_opt_folds_the_value_projection_bias_alone() -> None:
@@ -301,10 +254,10 @@ def test_post_ln_opt_folds_the_value_projection_bias_alone() -> None:
 def test_bloom_runs_on_a_plain_nnsight_wrapper_without_remote_keywords() -> None:
     """nnsight.NNsight passes trace keywords to the HF forward, and BLOOM rejects unknown ones."""
     model = build_hf("bloom")
-    tokens = tokens_for()
+    tokens = batch()
     wrapped = NNsightBackend(nnsight.NNsight(model))
     z = wrapped.capture(tokens, [wrapped.site(1)], pattern=True, convention="included")[1].z
-    torch.testing.assert_close(z.flatten(-2), reference_z(model, tokens)[1])
+    torch.testing.assert_close(z.flatten(-2), out_proj_inputs(model, tokens)[1])
     with pytest.raises(ValueError, match="remote=True needs an nnsight model .*Remotable"):
         NNsightBackend(model, remote=True)
 
@@ -331,13 +284,16 @@ def test_a_row_without_values_captures_splices_and_evaluates(monkeypatch) -> Non
     model = build_hf("deepseek_v3")
     b = NNsightBackend(model)
     site = b.site(1)
-    tokens = tokens_for()
+    tokens = batch()
     cap = b.capture(tokens, [site], pattern=True, convention="included")[1]
-    torch.testing.assert_close(cap.z.flatten(-2), reference_z(model, tokens)[1])
+    torch.testing.assert_close(cap.z.flatten(-2), out_proj_inputs(model, tokens)[1])
     assert cap.pattern is not None
     with torch.no_grad(), b.splicing({site: torch.zeros_like}, convention="included"):
         zeroed = b.forward(tokens)
-    with torch.no_grad(), pre_hooks(model, lambda layer, z: torch.zeros_like(z) if layer else None):
+    with (
+        torch.no_grad(),
+        out_proj_hooks(model, lambda layer, z: torch.zeros_like(z) if layer else None),
+    ):
         torch.testing.assert_close(zeroed, model(tokens).logits)
     sae = random_sae(site)
     metrics = sla.evaluate(b, sae, tokens, batch_size=3)
@@ -359,7 +315,7 @@ def test_early_stopped_pattern_runs_leave_module_forwards_alone(arch) -> None:
     only to rows that need it (OPT), whose forwards are not swapped."""
     model = build_hf(arch)
     b = backend(model)
-    tokens = tokens_for()
+    tokens = batch()
     b.capture(tokens, [b.site(0)], pattern=True, convention="included")  # stops after layer 0
     slots = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
     for _ in range(2):

@@ -20,19 +20,20 @@ import transformers
 from datasets import Dataset
 from sae_lens import SAE, SAETransformerBridge
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens.model_bridge import (  # pyright: ignore[reportMissingImports]
-    TransformerBridge,  # TransformerLens >= 3 only (skipped above otherwise)
-)
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches, backend_for
 from sae_lens_attn.backends.bridge import BridgeBackend, HookZSAETransformerBridge, sae_bridge
 
+from .factories import (
+    boot,
+    hook_counts,
+    near_identity_sae,
+    out_proj_inputs,
+    random_sae,
+    run_saelens_runner,
+)
 from .hf_twins import PAD_ID, VOCAB_SIZE, build_hf, build_twin, make_tokenizer
-from .test_analysis_dfa import random_sae
-from .test_backend_nnsight import out_proj_inputs
-from .test_evaluate import near_identity_sae
-from .test_sae_config import run_saelens_runner
 
 ARCHS = ("gpt2", "llama", "neox")
 ATOL = 1e-5  # float32; rtol=0 so small values get no slack
@@ -45,18 +46,6 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder = tmp_path_factory.mktemp("tokenizer")
     make_tokenizer(VOCAB_SIZE).save_pretrained(folder)
     return transformers.AutoTokenizer.from_pretrained(folder)
-
-
-def boot(arch: str, tokenizer: Any, *, cls: Any = TransformerBridge, **compat: Any) -> Any:
-    """A bridge over a fresh ``build_hf(arch)`` (same weights every call; the bridge re-wraps the
-    HF model's modules in place, so it gets a model of its own). ``compat`` keywords switch on
-    ``enable_compatibility_mode(**compat)``."""
-    bridge = cls.boot_transformers(
-        f"tiny-{arch}", hf_model=build_hf(arch), tokenizer=tokenizer, device="cpu"
-    )
-    if compat:
-        bridge.enable_compatibility_mode(disable_warnings=True, **compat)
-    return bridge
 
 
 def folded(arch: str, tokenizer: Any) -> Any:
@@ -83,10 +72,6 @@ def sites_of(model: Any) -> list[AttnSite]:
 def assert_close(a: torch.Tensor | None, b: torch.Tensor | None) -> None:
     assert a is not None and b is not None
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0.0)
-
-
-def hook_counts(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
 # --- the backend --------------------------------------------------------------------------
@@ -123,7 +108,7 @@ def test_other_models_are_refused_with_the_supported_types() -> None:
 
 @pytest.mark.parametrize("convention", ["included", "folded"])
 def test_z_patterns_values_equal_nnsight_and_the_out_proj_input(models, convention) -> None:
-    arch, bridge, hf_model = models
+    _, bridge, hf_model = models
     tokens = tokens_for()
     sites = sites_of(bridge)
     ours = backend_for(bridge).capture(
@@ -136,7 +121,7 @@ def test_z_patterns_values_equal_nnsight_and_the_out_proj_input(models, conventi
         for field in ("z", "pattern", "values"):
             assert_close(getattr(ours[site.layer], field), getattr(theirs[site.layer], field))
     if convention == "included":
-        reference = out_proj_inputs(hf_model, arch, tokens)
+        reference = out_proj_inputs(hf_model, tokens)
         for site in sites:
             assert_close(ours[site.layer].z_flat, reference[site.layer])
 

@@ -12,16 +12,8 @@ from nnsight.modeling.transformers import TransformersModel
 from sae_lens_attn import AttnActivationStore, AttnSite, NNsightBackend, backend_for
 from sae_lens_attn.backends import architectures as arch_table
 
+from .factories import batch, out_proj, out_proj_inputs
 from .hf_twins import ALL_ARCHITECTURES, PAD_ID, VOCAB_SIZE, build_hf, make_tokenizer
-
-OUT_PROJ = {
-    "gpt2": "transformer.h.{}.attn.c_proj",
-    "neox": "gpt_neox.layers.{}.attention.dense",
-    **{
-        a: "model.layers.{}.self_attn.o_proj"
-        for a in ("llama", "mistral", "gemma", "gemma2", "qwen2")
-    },
-}
 
 
 @pytest.fixture(scope="module", params=ALL_ARCHITECTURES)
@@ -35,34 +27,10 @@ def backend(model: Any) -> NNsightBackend:
     return b
 
 
-def tokens_for(batch: int = 3, pos: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB_SIZE, (batch, pos), generator=torch.Generator().manual_seed(seed))
-
-
-def out_proj_inputs(
-    model: Any, arch: str, tokens: torch.Tensor, **kwargs: Any
-) -> dict[int, torch.Tensor]:
-    """z as a plain torch pre-hook sees it: the reference the backend must match."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = [
-        model.get_submodule(OUT_PROJ[arch].format(layer)).register_forward_pre_hook(
-            lambda _m, args, layer=layer: seen.__setitem__(layer, args[0].detach())
-        )
-        for layer in range(2)
-    ]
-    try:
-        with torch.no_grad():
-            model(tokens, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def test_site_takes_d_in_from_the_output_projection(hf) -> None:
     arch, model = hf
     site = AttnSite.from_model(model, 1)
-    proj = model.get_submodule(OUT_PROJ[arch].format(1))
+    proj = out_proj(model, 1)
     in_features = getattr(proj, "in_features", None) or proj.weight.shape[0]
     assert site.d_in == in_features
     assert site.n_kv_heads == getattr(model.config, "num_key_value_heads", None) or site.n_heads
@@ -73,9 +41,9 @@ def test_site_takes_d_in_from_the_output_projection(hf) -> None:
 def test_capture_matches_output_projection_input(hf) -> None:
     arch, model = hf
     b = backend(model)
-    tokens = tokens_for()
+    tokens = batch(pos=10)
     sites = [b.site(0), b.site(1)]
-    reference = out_proj_inputs(model, arch, tokens)
+    reference = out_proj_inputs(model, tokens)
     included = b.capture(tokens, sites, convention="included")
     folded = b.capture(tokens, sites, convention="folded")
     for site in sites:
@@ -93,7 +61,7 @@ def test_z_is_pattern_times_expanded_values(hf, convention) -> None:
     _, model = hf
     b = backend(model)
     caps = b.capture(
-        tokens_for(), [b.site(0), b.site(1)], pattern=True, values=True, convention=convention
+        batch(pos=10), [b.site(0), b.site(1)], pattern=True, values=True, convention=convention
     )
     for cap in caps.values():
         assert cap.pattern is not None and cap.values is not None
@@ -107,7 +75,7 @@ def test_z_is_pattern_times_expanded_values(hf, convention) -> None:
 def test_identity_splice_keeps_logits_and_zero_splice_changes_them(hf) -> None:
     _, model = hf
     b = backend(model)
-    tokens = tokens_for()
+    tokens = batch(pos=10)
     with torch.no_grad():
         clean = model(tokens).logits
     for convention in ("folded", "included"):
@@ -126,7 +94,7 @@ def test_patterns_are_recomputed_on_sdpa_models() -> None:
         build_hf("llama", attn_implementation="eager"),
         build_hf("llama", attn_implementation="sdpa"),
     )
-    tokens = tokens_for()
+    tokens = batch(pos=10)
     want = backend(eager).capture(tokens, [backend(eager).site(1)], pattern=True)[1]
     got = backend(sdpa).capture(tokens, [backend(sdpa).site(1)], pattern=True)[1]
     assert got.pattern is not None
@@ -146,8 +114,8 @@ def test_patterns_without_recomputation_are_a_clear_error(monkeypatch) -> None:
     with pytest.raises(
         ValueError, match="patterns were requested .* running 'sdpa' attention.*not supported"
     ):
-        b.capture(tokens_for(), [b.site(0)], pattern=True)
-    b.capture(tokens_for(), [b.site(0)])  # z alone needs no patterns
+        b.capture(batch(pos=10), [b.site(0)], pattern=True)
+    b.capture(batch(pos=10), [b.site(0)])  # z alone needs no patterns
 
 
 def test_architecture_missing_from_the_table_is_refused() -> None:
@@ -185,13 +153,13 @@ def test_grouped_query_model_needs_whole_groups() -> None:
 def test_sites_of_another_model_are_refused() -> None:
     gpt2, llama = build_hf("gpt2"), build_hf("llama")
     with pytest.raises(ValueError, match="does not belong to this model"):
-        backend(gpt2).capture(tokens_for(), [backend(llama).site(0)])
+        backend(gpt2).capture(batch(pos=10), [backend(llama).site(0)])
 
 
 def test_hooks_are_gone_after_an_exception(hf) -> None:
     _, model = hf
     b = backend(model)
-    tokens = tokens_for()
+    tokens = batch(pos=10)
 
     def boom(z: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("boom")
@@ -209,7 +177,7 @@ def test_padded_batches_give_the_same_z_at_real_tokens(padding_side) -> None:
     model = build_hf("llama")
     b = backend(model)
     lengths = [7, 4, 10]
-    rows = [tokens_for(1, n, seed=n)[0] for n in lengths]
+    rows = [batch(1, n, seed=n)[0] for n in lengths]
     width = max(lengths)
     tokens = torch.full((3, width), PAD_ID)
     mask = torch.zeros(3, width, dtype=torch.long)
@@ -232,7 +200,7 @@ def test_padded_batches_give_the_same_z_at_real_tokens(padding_side) -> None:
 def test_model_wrapped_by_nnsight_works_like_the_plain_model() -> None:
     model = build_hf("gpt2")
     wrapped = TransformersModel(model, tokenizer=make_tokenizer(VOCAB_SIZE))
-    tokens = tokens_for()
+    tokens = batch(pos=10)
     site = AttnSite.from_model(wrapped, 1)
     torch.testing.assert_close(
         backend_for(wrapped).capture(tokens, [site])[1].z,
@@ -255,7 +223,7 @@ def test_remote_flag_reaches_every_nnsight_trace() -> None:
     wrapped = RecordingModel(model, tokenizer=make_tokenizer(VOCAB_SIZE))
     wrapped.remote_flags = []
     b = NNsightBackend(wrapped, remote=True)
-    tokens = tokens_for()
+    tokens = batch(pos=10)
     caps = b.capture(tokens, [b.site(0)])
     with b.splicing({b.site(1): lambda z: z}):
         b.forward(tokens)

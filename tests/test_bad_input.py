@@ -34,11 +34,10 @@ from sae_lens_attn.pretrained.metrics import read_metrics_file
 from sae_lens_attn.pretrained.model_card import head_shares
 from sae_lens_attn.site import as_integer, check_layer
 
-from .conftest import D_VOCAB, N_CTX
+from .factories import D_VOCAB, N_CTX, random_sae
 from .hf_twins import N_CTX as HF_N_CTX
 from .hf_twins import VOCAB_SIZE as HF_VOCAB
 from .hf_twins import build_hf
-from .test_analysis_dfa import random_sae
 
 # --- the analyzer registry ---------------------------------------------------------------------
 

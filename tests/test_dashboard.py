@@ -22,9 +22,8 @@ from sae_lens_attn.outputs import OUTPUT_MARKER
 from sae_lens_attn.viz.dashboard import build_dashboard, collect, saedashboard
 
 from .browser import needs_browser, open_page, save_screenshot
-from .conftest import build_model
+from .factories import build_model, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_analysis_dfa import random_sae
 
 REPO = Path(__file__).resolve().parents[1]
 needs_saedashboard = pytest.mark.skipif(

@@ -53,8 +53,10 @@ class CorpusReads:
 @pytest.fixture
 def corpus_tokens(tmp_path: Path) -> Iterator[Path]:
     """16 BOS-led rows of 32 tokens from the embedded model's own corpus, as a .pt file."""
-    model, tokenizer = sla.load_default_model()
-    text = "\n".join(f"def f{i}(x):\n    return x * {i} + f{i - 1}(x) if x else {i}" for i in range(60))
+    _, tokenizer = sla.load_default_model()
+    text = "\n".join(
+        f"def f{i}(x):\n    return x * {i} + f{i - 1}(x) if x else {i}" for i in range(60)
+    )
     ids = tokenizer(text)["input_ids"]
     rows = torch.tensor([[tokenizer.bos_token_id, *ids[31 * i : 31 * i + 31]] for i in range(16)])
     path = tmp_path / "tokens.pt"
@@ -90,13 +92,15 @@ def test_analyze_with_every_builtin_analyzer_reads_the_corpus_at_most_twice(
 
 
 def test_dashboard_reads_the_corpus_at_most_twice(tmp_path, monkeypatch, corpus_tokens) -> None:
+    """Our own pages; SAEDashboard's engine (where installed) reads the tokens once more itself."""
     reads = CorpusReads(monkeypatch)
     command = ["dashboard", "--sae", SAE, "--tokens", str(corpus_tokens), "--top", "8"]
+    command += ["--engine", "own"]
     assert _run([*command, "--out", str(tmp_path / "board")], reads, corpus_tokens) <= 2
 
 
 def test_one_corpus_captures_once_and_encodes_once(model, tokens) -> None:
-    from .test_analysis_dfa import random_sae
+    from .factories import random_sae
 
     sae = random_sae(sla.AttnSite.from_model(model, 1))
     corpus = Corpus(model, tokens, keep={"pattern", "values"})
@@ -129,3 +133,18 @@ def test_a_corpus_refuses_another_model_and_a_second_mask(model, gqa_model, toke
         corpus_of(model, corpus, torch.ones_like(tokens))
     with pytest.raises(ValueError, match=r"unknown capture extras \['scores'\]"):
         Corpus(model, tokens, keep={"scores"})  # type: ignore[arg-type]
+
+
+def test_sae_activations_are_the_saes_own_on_any_batching(model, tokens) -> None:
+    from .factories import random_sae
+
+    sae = random_sae(sla.AttnSite.from_model(model, 0))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    acts, pre = sla.analysis.sae_activations(model, sae, tokens, mask, pre=True, batch_size=3)
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
+    z = cache["blocks.0.attn.hook_z"]
+    _, sae_cache = sae.run_with_cache(z if sae.hook_z_reshaping_mode else z.flatten(-2))
+    assert pre is not None and acts.shape == pre.shape == (*tokens.shape, sae.cfg.d_sae)
+    torch.testing.assert_close(pre[1:], sae_cache["hook_sae_acts_pre"][1:])  # unpadded rows
+    torch.testing.assert_close(acts[1:], sae_cache["hook_sae_acts_post"][1:])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from sae_lens import SAE
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
@@ -21,9 +21,8 @@ from sae_lens_attn import AttnSite
 from sae_lens_attn.cli.main import main
 from sae_lens_attn.outputs import OUTPUT_MARKER
 
-from .conftest import D_VOCAB, N_CTX
+from .factories import D_VOCAB, N_CTX, near_identity_sae, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, build_twin, make_tokenizer
-from .test_analysis_dfa import random_sae
 
 REQUIRED = {
     "l0", "dead_fraction", "explained_variance", "mse", "ce_clean", "ce_sae", "ce_zero_ablation",
@@ -33,36 +32,6 @@ REQUIRED = {
 }  # fmt: skip
 RATIOS = {"loss_recovered_zero", "loss_recovered_mean", "loss_recovered_paper",
           "loss_recovered_saelens", "explained_variance"}  # fmt: skip
-
-
-def near_identity_sae(
-    site: AttnSite, *, noise: float = 0.01, threshold: float = 0.1, seed: int = 0, **meta: Any
-) -> SAE[Any]:
-    """A standard SAE that reconstructs z roughly: features ±e_i with noise and a threshold.
-
-    With ``noise=0, threshold=0`` it reconstructs z exactly (``relu(x) − relu(−x) = x``).
-    """
-    d_in = site.d_in
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=2 * d_in + 8, reshape_activations="hook_z")
-    for key, value in {
-        "hook_name": site.hook_name,
-        "n_heads": site.n_heads,
-        "n_kv_heads": site.n_kv_heads,
-        "d_head": site.d_head,
-        **meta,
-    }.items():
-        cfg.metadata[key] = value  # fmt: skip
-    sae = StandardSAE(cfg)
-    g = torch.Generator().manual_seed(seed)
-    eye = torch.eye(d_in)
-    W = torch.cat([eye, -eye, torch.zeros(d_in, 8)], dim=1)
-    with torch.no_grad():
-        sae.W_enc.copy_(W + noise * torch.randn(W.shape, generator=g))
-        sae.W_dec.copy_(W.T + noise * torch.randn(W.T.shape, generator=g))
-        sae.b_enc.fill_(-threshold)
-        sae.b_enc[-8:] = -1e3  # eight dead features
-        sae.b_dec.zero_()
-    return sae
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from sae_lens import SAE
 
-import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
 from sae_lens_attn.analysis.families import LABELS
 from sae_lens_attn.cli.main import main
@@ -33,36 +31,11 @@ from sae_lens_attn.explorer import (
     is_loopback,
     serving,
 )
-from sae_lens_attn.store import TokenBatches
 
+from .factories import PROMPT, PROMPTS, default_session, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_analysis_dfa import random_sae
 
-PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
-PROMPTS = [
-    PROMPT,
-    "for i in range(10):\n    total += i\n",
-    "class Point:\n    def __init__(self, x):\n        self.x = x\n",
-    "import os\npath = os.path.join(root, name)\n",
-    "x = [n * n for n in numbers if n % 2]\n",
-    "with open(path) as f:\n    text = f.read()\n",
-]
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
-
-
-def label_contexts(tokenizer: Any, rows: int = 8, ctx: int = 64) -> torch.Tensor:
-    """BOS-led contexts of real code (this file's source) for family labels."""
-    text = Path(__file__).read_text()
-    return TokenBatches.from_texts(tokenizer, [text], context_size=ctx, batch_size=1).tokens[:rows]
-
-
-def default_session(**kwargs: Any) -> ExplorerSession:
-    """The embedded default model with its two shipped SAEs, as ``explore`` serves by default."""
-    model, tokenizer = sla.load_default_model()
-    saes = [SAE.from_pretrained("stdlib-2l-attn-z", f"blocks.{layer}") for layer in (0, 1)]
-    return ExplorerSession(
-        model, saes, tokenizer=tokenizer, family_tokens=label_contexts(tokenizer), **kwargs
-    )
 
 
 def post(url: str, body: Any, *, raw: bytes | None = None) -> tuple[int, Any]:

@@ -10,7 +10,7 @@ import pytest
 from sae_lens_attn.explorer import create_app, export_prompts, serving
 
 from .browser import chromium, needs_browser, open_page, save_screenshot, watched
-from .test_explorer import PROMPT, PROMPTS, default_session
+from .factories import PROMPT, PROMPTS, default_session
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, needs_browser]
 

@@ -17,8 +17,8 @@ import sae_lens_attn.explorer as explorer
 from sae_lens_attn import AttnSite
 from sae_lens_attn.cli.main import main
 
+from .factories import random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_analysis_dfa import random_sae
 
 PROMPT = "w5 w9 w12 w5 w9 w30 w12"
 LAYERS = (0, 1)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import sysconfig
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import torch
 import transformers
-from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from sae_lens import SAE
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
@@ -26,8 +25,9 @@ from sae_lens_attn.analysis.families import (
 from sae_lens_attn.analysis.logits import logit_effects
 from sae_lens_attn.analysis.sequences import successor_ids, successor_text
 
+from .factories import PLANTED_N_CTX as N_CTX
+from .factories import POOL, Planted, planted, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, build_twin, make_tokenizer
-from .test_analysis_dfa import random_sae
 
 # --- the pure classifier on synthetic DFA results and logit tables ----------------------------
 
@@ -255,85 +255,7 @@ def test_successor_ids_are_single_tokens_of_the_vocabulary() -> None:
     assert successor_ids(None, 5).tolist() == [-1] * 5
 
 
-# --- planted ground truth: a hand-set previous-token model ---------------------------------
-
-N_CTX, D_VOCAB, D_HEAD = 16, 32, 16
-POOL = [3, 5, 7, 9, 11, 13, 20, 22, 24, 26, 28, 30]
-"""Tokens of the planted contexts; the first six are the planted features' tokens."""
-
-
-class Planted(NamedTuple):
-    model: HookedTransformer
-    sae: SAE[Any]
-    tokens: torch.Tensor
-    labels: dict[int, str]
-    """What each planted feature is, by construction."""
-    heads: dict[int, int]
-    """The head whose z block each feature reads and writes."""
-
-
-def planted() -> Planted:
-    """An attention-only model whose two heads attend to the previous token through one-hot
-    positional embeddings, and an SAE with features planted on them.
-
-    Residual dims 0..15: position (one-hot); 16..30: token; 48..62: what the heads write. Each
-    head's query at q is ``e_q`` and its key at k is ``e_{k+1}``, so it attends from q to q − 1
-    (score 10 against 0); its values copy the token dims (value dim 15 stays 0), and W_O maps
-    value dim j to residual dim 48 + j, except dim 15, which it drops. Feature i (i < 6) reads
-    "the previous token is POOL[i]" from head ``i // 3``; its decoder writes nothing the
-    unembedding sees (dim 15: local context), the unembedding of its token (copying, feature 1)
-    or minus it (suppression, feature 2). Feature 6 never fires.
-    """
-    cfg = HookedTransformerConfig(
-        n_layers=1, d_model=64, n_ctx=N_CTX, d_head=D_HEAD, n_heads=2, d_vocab=D_VOCAB,
-        attn_only=True, normalization_type=None, positional_embedding_type="standard",
-        act_fn="relu", seed=0,
-    )  # fmt: skip
-    model = HookedTransformer(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        model.W_pos[:, :N_CTX] = torch.eye(N_CTX)
-        others = torch.randn(D_VOCAB, 9, generator=g)
-        model.W_E[:, 22:31] = others / others.norm(dim=-1, keepdim=True)  # token dims 6..14
-        for i, token in enumerate(POOL[:6]):
-            model.W_E[token] = 0
-            model.W_E[token, 16 + i] = 1.0  # planted tokens: their own token dim
-        attn: Any = model.blocks[0].attn
-        for h in range(2):
-            attn.W_Q[h, :N_CTX, :N_CTX] = 40 * torch.eye(N_CTX)
-            attn.W_K[h, torch.arange(N_CTX - 1), torch.arange(1, N_CTX)] = 1.0
-            attn.W_V[h, 16:31, :15] = torch.eye(15)
-            attn.W_O[h, :15, 48:63] = torch.eye(15)
-        model.W_U[48:63] = torch.randn(15, D_VOCAB, generator=g)
-        model.W_U[48:63, POOL[1]] *= 3  # the copied and the suppressed token stand out
-        model.W_U[48:63, POOL[2]] *= 3
-
-    sae_cfg = StandardSAEConfig(
-        d_in=2 * D_HEAD, d_sae=7, apply_b_dec_to_input=False, reshape_activations="hook_z"
-    )
-    for key, value in {"hook_name": "blocks.0.attn.hook_z", "n_heads": 2, "n_kv_heads": 2}.items():
-        sae_cfg.metadata[key] = value
-    sae_cfg.metadata["d_head"] = D_HEAD
-    sae = StandardSAE(sae_cfg)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.zero_()
-        for i in range(6):
-            block = (i // 3) * D_HEAD
-            sae.W_enc[block + i, i] = 1.0
-            sae.b_enc[i] = -0.5
-            sae.W_dec[i, block + 15] = 1.0  # invisible to W_U
-        sae.W_dec[1, :15] = model.W_U[48:63, POOL[1]]
-        sae.W_dec[2, :15] = -model.W_U[48:63, POOL[2]]
-        sae.W_dec[6, 15] = 1.0
-        sae.b_enc[6] = -1e3
-    rows = torch.tensor(POOL)[torch.randint(0, len(POOL), (64, N_CTX), generator=g)]
-    rows[:, 0] = 0  # BOS, ignored as a query and as a source
-    labels = {0: "local_context", 1: "copying", 2: "suppression"}
-    labels |= {i: "local_context" for i in (3, 4, 5)} | {6: NEVER_FIRES}
-    return Planted(model, sae, rows, labels, {i: i // 3 for i in range(6)})
+# --- planted ground truth: a hand-set previous-token model (factories.planted) --------------
 
 
 @pytest.fixture(scope="module")

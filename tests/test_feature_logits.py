@@ -14,22 +14,16 @@ import sae_lens_attn as sla
 from sae_lens_attn import AttnSite
 from sae_lens_attn.analysis.logits import logit_effects
 
+from .factories import out_proj, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, build_twin, make_tokenizer
-from .test_analysis_dfa import random_sae
-
-OUT_PROJ = {
-    "gpt2": lambda m, layer: m.transformer.h[layer].attn.c_proj,  # Conv1D
-    "llama": lambda m, layer: m.model.layers[layer].self_attn.o_proj,
-    "neox": lambda m, layer: m.gpt_neox.layers[layer].attention.dense,
-}
-"""Each architecture's output projection, named here by hand (not through the backend's table)."""
 
 
-def module_effects(hf: Any, arch: str, layer: int, W_dec: torch.Tensor) -> torch.Tensor:
-    """``lm_head(o_proj(W_dec) − o_proj(0)) − lm_head(0)``: the modules' own linear maps."""
-    out_proj, lm_head = OUT_PROJ[arch](hf, layer), hf.get_output_embeddings()
+def module_effects(hf: Any, layer: int, W_dec: torch.Tensor) -> torch.Tensor:
+    """``lm_head(o_proj(W_dec) − o_proj(0)) − lm_head(0)``: the modules' own linear maps (the
+    output projection named in ``factories``, not through the backend's table)."""
+    proj, lm_head = out_proj(hf, layer), hf.get_output_embeddings()
     with torch.no_grad():
-        resid = out_proj(W_dec) - out_proj(torch.zeros_like(W_dec[:1]))
+        resid = proj(W_dec) - proj(torch.zeros_like(W_dec[:1]))
         return lm_head(resid) - lm_head(torch.zeros_like(resid[:1]))
 
 
@@ -37,7 +31,7 @@ def module_effects(hf: Any, arch: str, layer: int, W_dec: torch.Tensor) -> torch
 def test_effects_equal_the_hf_modules_applied_to_the_decoder(arch: str) -> None:
     hf = build_hf(arch)
     sae = random_sae(AttnSite.from_model(hf, 1), value_bias_convention="included")
-    expected = module_effects(hf, arch, 1, sae.W_dec.detach())  # (d_sae, V)
+    expected = module_effects(hf, 1, sae.W_dec.detach())  # (d_sae, V)
     features = torch.arange(sae.cfg.d_sae)
     torch.testing.assert_close(logit_effects(hf, sae, features), expected, atol=1e-5, rtol=1e-5)
     result = sla.analysis.feature_logits(hf, sae, k=5, feature_chunk=40)
@@ -85,7 +79,7 @@ def test_bridge_gives_the_hf_values(arch: str, tmp_path) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
     hf = build_hf(arch)
     sae = random_sae(AttnSite.from_model(hf, 1), value_bias_convention="included")
-    expected = module_effects(hf, arch, 1, sae.W_dec.detach())
+    expected = module_effects(hf, 1, sae.W_dec.detach())
     bridge = TransformerBridge.boot_transformers(
         f"tiny-{arch}", hf_model=build_hf(arch), tokenizer=tokenizer, device="cpu"
     )

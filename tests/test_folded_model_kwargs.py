@@ -16,16 +16,9 @@ from sae_lens.load_model import load_model
 from sae_lens_attn import AttnSite, backend_for
 from sae_lens_attn.site import convention_of_model_kwargs, folded_model_kwargs
 
+from .factories import FROM_PRETRAINED_DEFAULTS
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
 from .hub_cache import add_repo, folder_files, use_hub_cache
-
-FROM_PRETRAINED_DEFAULTS = {
-    "fold_ln": True,
-    "center_writing_weights": True,
-    "center_unembed": True,
-    "fold_value_biases": True,
-}
-"""HookedTransformer.from_pretrained's default processing (TransformerLens's signature)."""
 
 
 def test_sae_lens_loader_delivers_the_folded_z(tmp_path, monkeypatch) -> None:

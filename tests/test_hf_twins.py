@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -12,6 +11,7 @@ import torch
 import transformers
 from torch import Tensor
 
+from .factories import out_proj_hooks
 from .hf_twins import (
     ALL_ARCHITECTURES,
     ARCHITECTURES_WITH_TWINS,
@@ -26,17 +26,6 @@ from .hf_twins import (
 )
 
 ATOL = 1e-5
-
-O_PROJ = {
-    "gpt2": "transformer.h.{layer}.attn.c_proj",
-    "llama": "model.layers.{layer}.self_attn.o_proj",
-    "neox": "gpt_neox.layers.{layer}.attention.dense",
-    "mistral": "model.layers.{layer}.self_attn.o_proj",
-    "gemma": "model.layers.{layer}.self_attn.o_proj",
-    "gemma2": "model.layers.{layer}.self_attn.o_proj",
-    "qwen2": "model.layers.{layer}.self_attn.o_proj",
-}
-"""Module whose input is z (all heads concatenated, head-major), per architecture."""
 
 
 def _split_heads(flat: Tensor, n_heads: int) -> Tensor:
@@ -76,23 +65,6 @@ B_V: dict[str, Callable[[Any, int], Tensor | None]] = {
 HAS_VALUE_BIAS = {"gpt2", "neox", "qwen2"}
 
 
-@contextmanager
-def o_proj_inputs(hf: Any, arch: str) -> Iterator[list[Tensor]]:
-    """Record the input of every layer's attention output projection, in layer order."""
-    captured: list[Tensor] = []
-    handles = [
-        hf.get_submodule(O_PROJ[arch].format(layer=layer)).register_forward_pre_hook(
-            lambda _module, args: captured.append(args[0].detach())
-        )
-        for layer in range(hf.config.num_hidden_layers)
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 TOKENS = torch.randint(0, VOCAB_SIZE, (3, N_CTX), generator=torch.Generator().manual_seed(0))
 
 
@@ -111,9 +83,11 @@ def hf_model(arch: str) -> Any:
 @cache
 def hf_run(arch: str) -> Run:
     model = hf_model(arch)
-    with torch.no_grad(), o_proj_inputs(model, arch) as z_flat:
+    z_flat: dict[int, Tensor] = {}  # each layer's output projection input (factories' table)
+    with torch.no_grad(), out_proj_hooks(model, lambda layer, z: z_flat.__setitem__(layer, z)):
         logits = model(TOKENS).logits
-    return Run(logits, [_split_heads(z, model.config.num_attention_heads) for z in z_flat])
+    heads = model.config.num_attention_heads
+    return Run(logits, [_split_heads(z_flat[layer], heads) for layer in sorted(z_flat)])
 
 
 @cache

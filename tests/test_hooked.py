@@ -18,8 +18,8 @@ from sae_lens.util import get_special_token_ids
 import sae_lens_attn as sla
 from sae_lens_attn import AttnActivationStore, AttnSite, TokenBatches, backend_for
 
+from .factories import run_saelens_runner
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_sae_config import run_saelens_runner
 
 CTX = 16
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
 
 from sae_lens_attn import AttnSite, backend_for
 
+from .factories import random_sae
 from .hf_twins import ARCHITECTURES_WITH_TWINS, VOCAB_SIZE, build_hf, build_twin
 
 ATOL = 1e-5  # float32; rtol=0 so small values get no slack
@@ -41,17 +41,6 @@ def hf_model(request) -> Any:
     return build_hf(request.param)
 
 
-def random_sae(site: AttnSite, seed: int) -> StandardSAE:
-    torch.manual_seed(seed)
-    cfg = StandardSAEConfig(d_in=site.d_in, d_sae=4 * site.d_in, reshape_activations="hook_z")
-    cfg.metadata.hook_name = site.hook_name
-    sae = StandardSAE(cfg)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.normal_(0, 0.1)
-    return sae
-
-
 def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (3, 12), generator=torch.Generator().manual_seed(0))
 
@@ -78,7 +67,7 @@ def test_z_and_patterns_agree(hf_model, processing, convention) -> None:
 def test_spliced_sae_logits_agree(hf_model, processing, convention) -> None:
     twin = twin_of(hf_model, processing)
     sites = [AttnSite.from_model(hf_model, layer) for layer in range(2)]
-    saes = {site: random_sae(site, seed=site.layer) for site in sites}
+    saes = {site: random_sae(site, seed=site.layer, d_sae=4 * site.d_in, std=0.1) for site in sites}
     with torch.no_grad():
         with backend_for(hf_model).splicing(saes, convention=convention):
             ours = backend_for(hf_model).forward(tokens())
@@ -116,7 +105,7 @@ def test_folded_z_is_the_z_of_from_pretrained_processing(arch) -> None:
 def test_conventions_differ_where_the_model_has_value_biases() -> None:
     model = build_hf("gpt2")
     site = AttnSite.from_model(model, 0)
-    saes = {site: random_sae(site, seed=0)}
+    saes = {site: random_sae(site, seed=0, d_sae=4 * site.d_in, std=0.1)}
     backend = backend_for(model)
     with torch.no_grad():
         with backend.splicing(saes, convention="folded"):

@@ -17,9 +17,8 @@ from sae_lens_attn.analysis.polysemantic_heads import UNLABELLED, head_verdict
 from sae_lens_attn.viz import analysis_plots
 from sae_lens_attn.viz.dashboard import panels
 
+from .factories import POOL, Planted, planted, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, make_tokenizer
-from .test_analysis_dfa import random_sae
-from .test_feature_families import POOL, Planted, planted
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,7 @@ def test_analyzer_tables_and_plots(planted, tmp_path) -> None:
         prefix_curves_png,
     )
 
-    from .test_analysis_dfa import random_sae
+    from .factories import random_sae
 
     tokens = repeated_text(4, seed=3)
     options = {

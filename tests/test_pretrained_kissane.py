@@ -26,8 +26,8 @@ from sae_lens_attn import backend_for
 from sae_lens_attn.pretrained import KISSANE_CONVERSION_FUNC, register_pretrained
 from sae_lens_attn.pretrained.kissane import config_file_for
 
+from .factories import FROM_PRETRAINED_DEFAULTS
 from .hub_cache import add_repo, use_hub_cache
-from .test_folded_model_kwargs import FROM_PRETRAINED_DEFAULTS
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:\s*This SAE has non-empty model_from_pretrained_kwargs"

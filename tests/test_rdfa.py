@@ -16,8 +16,8 @@ from sae_lens_attn.analysis.recursive_dfa import Contribution, RDFAResult, rdfa
 from sae_lens_attn.analysis.residual_parts import read_residual_parts
 from sae_lens_attn.sae_adapter import encode_z
 
+from .factories import batch, independent_z, random_sae
 from .hf_twins import build_hf, build_twin
-from .test_analysis_dfa import batch, random_sae
 
 RELEASE = "stdlib-2l-attn-z"
 TEXT = (
@@ -35,10 +35,11 @@ def default() -> tuple[Any, Any, list[SAE[Any]]]:
 
 
 def sae_pre_act(model: Any, sae: SAE[Any], tokens: torch.Tensor) -> torch.Tensor:
-    """SAELens's own ``hook_sae_acts_pre`` on z as the model computes it, ``[batch, pos, d_sae]``."""
+    """SAELens's own ``hook_sae_acts_pre`` on z as the model computes it, ``[batch, pos, d_sae]``,
+    z taken without this package (``factories.independent_z``)."""
     site = AttnSite.from_sae(sae, model)
     convention = sae.cfg.metadata.get("value_bias_convention", None) or "included"
-    z = backend_for(model).capture(tokens, [site], convention=convention)[site.layer].z
+    z = independent_z(model, tokens, site.layer, convention=convention)
     _, cache = sae.run_with_cache(z if sae.cfg.reshape_activations == "hook_z" else z.flatten(-2))
     return cache["hook_sae_acts_pre"]
 

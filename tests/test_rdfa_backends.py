@@ -28,10 +28,8 @@ from sae_lens_attn.sae_adapter import encode_z
 from sae_lens_attn.viz.dashboard import build_dashboard, collect
 from sae_lens_attn.viz.dashboard.feature_analyses import peak_rdfa
 
+from .factories import batch, boot, hook_counts, independent_z, random_sae
 from .hf_twins import VOCAB_SIZE, build_hf, build_twin, make_tokenizer
-from .test_analysis_dfa import batch, random_sae
-from .test_backend_bridge import boot, hook_counts
-from .test_backend_nnsight import out_proj_inputs
 
 ARCHS = ("gpt2", "llama")  # LayerNorm, learned positions, Conv1D; RMSNorm, rotary, GQA
 KINDS = ("nnsight", "transformer_lens", "bridge", "bridge_compat")
@@ -144,6 +142,7 @@ def test_residual_reads_and_weights_agree_across_backends(arch, tokenizer) -> No
 @pytest.mark.parametrize("kind", KINDS[:3])
 def test_the_residual_hooks_are_removed_after_the_pass(kind, tokenizer) -> None:
     backend = backend_for(model_of(kind, "gpt2", tokenizer))
+    backend.forward(tokens())  # a bridge wires hooks of its own on its first pass
     before = hook_counts(backend.model)
     backend.capture_residual(tokens(), LAYER)
     assert hook_counts(backend.model) == before
@@ -190,18 +189,6 @@ def test_rdfa_is_the_same_on_every_backend(arch, convention, tokenizer) -> None:
         )
 
 
-def independent_z(arch: str, convention: str, d_head: int) -> torch.Tensor:
-    """Layer 1's z ``[1, pos, n_heads, d_head]`` of ``build_hf(arch)``'s weights, from no backend:
-    the input of its output projection (a torch pre-hook), or, folded, TransformerLens's
-    ``hook_z`` after ``from_pretrained``'s processing (fold_ln, fold_value_biases)."""
-    if convention == "included":
-        return out_proj_inputs(build_hf(arch), arch, tokens())[LAYER].unflatten(-1, (-1, d_head))
-    twin = build_twin(build_hf(arch), full_processing=True)
-    hook_z = twin.blocks[LAYER].attn.hook_z
-    _, cache = twin.run_with_cache(tokens(), names_filter=lambda name: name == hook_z.name)
-    return cache[hook_z.name]
-
-
 @pytest.mark.parametrize(
     ("kind", "convention"),
     [("bridge", "included"), ("bridge", "folded"), ("bridge_compat", "folded")],
@@ -212,7 +199,7 @@ def test_a_bridge_split_sums_to_saelens_pre_activation(arch, kind, convention, t
     saes = saes_for(bridge, convention)
     feature = firing_feature(bridge, saes[1])
     result = rdfa(bridge, saes, tokens(), LAYER, feature, POSITION, expand=3)
-    z = independent_z(arch, convention, AttnSite.from_sae(saes[1]).d_head)
+    z = independent_z(build_hf(arch), tokens(), LAYER, convention=convention)  # no backend
     _, cache = saes[1].run_with_cache(z)
     assert_sums(result, float(cache["hook_sae_acts_pre"][0, POSITION, feature]))
     assert result.activation > 0

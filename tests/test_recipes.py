@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import re
 import subprocess
@@ -17,7 +18,7 @@ from sae_lens import SAE
 import sae_lens_attn as sla
 from sae_lens_attn.training.resampling import cosine_warmup_factor
 
-from .test_folded_model_kwargs import FROM_PRETRAINED_DEFAULTS
+from .factories import FROM_PRETRAINED_DEFAULTS
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:\s*This SAE has non-empty model_from_pretrained_kwargs"
@@ -28,6 +29,7 @@ NEW_RECIPES = (
     "reproduce_kissane_gpt2_small.py",
     "train_attn_saes_hf_nnsight.py",
     "publish_release.py",
+    "ioi_attention_saes.py",
 )
 SAE_FILES = ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
 
@@ -193,3 +195,33 @@ def test_publish_release_smoke_publishes_and_loads_back_by_name(tmp_path) -> Non
     assert [sae["id"] for sae in entry[release]["saes"]] == ["blocks.0", "blocks.1"]
     assert all(isinstance(sae["l0"], float) for sae in entry[release]["saes"])
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_ioi_smoke_tables_figure_16a_and_figure_5(tmp_path) -> None:
+    stdout = run_smoke("ioi_attention_saes.py", tmp_path)
+    assert "AttnSite(layer=1, n_heads=4, n_kv_heads=4, d_head=16) with 256 features" in stdout
+    assert "Figure 16a: zero-ablating each of the" in stdout and "Figure 5: noising" in stdout
+    with (tmp_path / "figure16a.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert {row["template"] for row in table} == {"ABBA", "BABA", "all"}
+    for template in ("ABBA", "BABA", "all"):
+        rows = [row for row in table if row["template"] == template]
+        assert [row["rank"] for row in rows] == [str(r) for r in range(1, 11)] + [""]
+        assert rows[-1]["feature"] == "error term"
+        effects = [abs(float(row["mean_delta"])) for row in rows[:-1]]
+        assert effects == sorted(effects, reverse=True)
+    with (tmp_path / "figure5.csv").open() as f:
+        figure5 = list(csv.DictReader(f))
+    assert len(figure5) == 3 * 2 * 3  # corruptions × layers × (ABBA, BABA, all)
+    assert {row["corruption"] for row in figure5} == {
+        "and_to_alongside",
+        "shift_positions",
+        "flip_names",
+    }
+    clean = {row["template"]: row["clean"] for row in figure5}
+    for row in figure5:  # the same clean prompts throughout; a corruption changes the metric
+        assert row["clean"] == clean[row["template"]]
+        assert float(row["corrupt"]) != float(row["clean"])
+    # layer 2 is the model's third of four: its z at S2 still reaches the end, through layer 3
+    assert any(float(row["patched"]) != float(row["clean"]) for row in figure5)

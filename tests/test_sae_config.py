@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from sae_lens import (
     SAE,
-    LanguageModelSAERunnerConfig,
-    LanguageModelSAETrainingRunner,
-    LoggingConfig,
     StandardTrainingSAEConfig,
     TrainingSAEConfig,
 )
@@ -27,37 +23,9 @@ import sae_lens_attn as sla
 from sae_lens_attn import AttnSite, backend_for
 from sae_lens_attn.config import registration
 
-from .conftest import D_VOCAB, N_CTX
+from .factories import run_saelens_runner
 
 TESTS_DIR = Path(__file__).parent
-
-
-def run_saelens_runner(model, sae_cfg, hook_name: str, out: Path, dataset: Dataset | None = None):
-    """SAELens's own runner, offline: a pretokenized dataset (random tokens by default)."""
-    if dataset is None:
-        tokens = torch.randint(1, D_VOCAB, (64, N_CTX), generator=torch.Generator().manual_seed(1))
-        dataset = Dataset.from_dict({"tokens": tokens.tolist()})
-    runner_cfg = LanguageModelSAERunnerConfig(
-        sae=sae_cfg,
-        model_name="tiny-attn",
-        hook_name=hook_name,
-        dataset_path="",
-        context_size=N_CTX,
-        training_tokens=1024,
-        train_batch_size_tokens=64,
-        store_batch_size_prompts=4,
-        n_batches_in_buffer=8,
-        device="cpu",
-        logger=LoggingConfig(log_to_wandb=False),
-        output_path=str(out),
-        n_checkpoints=0,
-        streaming=False,
-        prepend_bos=False,
-    )
-    return LanguageModelSAETrainingRunner(
-        runner_cfg, override_dataset=dataset, override_model=model
-    ).run()
-
 
 ARCH_KWARGS = {
     "standard": {"l1_coefficient": 1.0},
@@ -128,9 +96,9 @@ def test_save_load_gives_identical_outputs(trained, model, tokens) -> None:
 
 VANILLA_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
-    sys.path.insert(0, {tests_dir!r})
-    from conftest import build_model
+    import os, sys, torch
+    sys.path.insert(0, os.path.dirname({tests_dir!r}))
+    from tests.factories import build_model
     from sae_lens import SAE, HookedSAETransformer
     base = build_model()
     model = HookedSAETransformer(base.cfg)

@@ -1,6 +1,7 @@
 """Analyses of attention SAEs and of the models they read: pure functions over a backend's captures,
 and analyzers by name (``register`` / ``get`` / ``names``, extensible through entry points)."""
 
+from sae_lens_attn.analysis.ablation import ABLATION_METHODS, FeatureAblation, feature_ablation
 from sae_lens_attn.analysis.attribution import DFAResult, dfa
 from sae_lens_attn.analysis.dfa_peaks import PeakDFA, dfa_at_peaks
 from sae_lens_attn.analysis.families import (
@@ -16,12 +17,29 @@ from sae_lens_attn.analysis.induction_heuristics import (
     InductionReport,
     induction_features,
 )
+from sae_lens_attn.analysis.interventions import (
+    EDIT_MODES,
+    Edit,
+    ReferenceMeans,
+    Source,
+    SplicedRun,
+    reference_means,
+    spliced,
+)
+from sae_lens_attn.analysis.ioi import IOIPrompts, ioi_prompts
 from sae_lens_attn.analysis.logits import FeatureLogits, feature_logits
 from sae_lens_attn.analysis.long_prefix import (
     PrefixEvents,
     PrefixInduction,
     prefix_events,
     prefix_induction,
+)
+from sae_lens_attn.analysis.metrics import Metric, logit_diff
+from sae_lens_attn.analysis.patching import (
+    DIRECTIONS,
+    PATCH_TARGETS,
+    ActivationPatching,
+    activation_patching,
 )
 from sae_lens_attn.analysis.polysemantic_heads import (
     HeadFeatures,
@@ -46,32 +64,46 @@ from sae_lens_attn.analysis.registry import (
     names,
     register,
 )
-from sae_lens_attn.corpus import Corpus
+from sae_lens_attn.corpus import Corpus, sae_activations
 
 __all__ = [
+    "ABLATION_METHODS",
+    "DIRECTIONS",
+    "EDIT_MODES",
     "ENTRY_POINT_GROUP",
+    "PATCH_TARGETS",
     "PROXIES",
+    "ActivationPatching",
     "AnalysisInput",
     "Analyzer",
     "Contribution",
     "Corpus",
     "DFAResult",
+    "Edit",
     "FamilyThresholds",
+    "FeatureAblation",
     "FeatureFamilies",
     "FeatureLogits",
     "HeadFeatures",
     "HeadVerdict",
+    "IOIPrompts",
     "InductionFeature",
     "InductionReport",
+    "Metric",
     "PeakDFA",
     "Polysemanticity",
     "PrefixEvents",
     "PrefixInduction",
     "ProxyHistogram",
     "RDFAResult",
+    "ReferenceMeans",
+    "Source",
+    "SplicedRun",
+    "activation_patching",
     "classify_families",
     "dfa",
     "dfa_at_peaks",
+    "feature_ablation",
     "feature_families",
     "feature_logits",
     "get",
@@ -80,6 +112,8 @@ __all__ = [
     "induction_features",
     "induction_proxy",
     "induction_scores",
+    "ioi_prompts",
+    "logit_diff",
     "names",
     "polysemanticity",
     "prefix_events",
@@ -87,6 +121,9 @@ __all__ = [
     "proxy_histogram",
     "proxy_mask",
     "rdfa",
+    "reference_means",
     "register",
     "repeated_random_tokens",
+    "sae_activations",
+    "spliced",
 ]

@@ -39,7 +39,7 @@ from sae_lens_attn.analysis.heads import head_attribution
 from sae_lens_attn.backends import backend_for
 from sae_lens_attn.corpus import Corpus, corpus_of
 from sae_lens_attn.sae_adapter import sae_convention
-from sae_lens_attn.site import AttnSite
+from sae_lens_attn.site import AttnSite, saes_by_layer
 from sae_lens_attn.validation import check_count, check_features, tokenizer_of
 
 Verdict = Literal["polysemantic", "monosemantic", "undetermined"]
@@ -203,19 +203,15 @@ def polysemanticity(
         ValueError: no SAEs, two SAEs on one layer, ``confidence`` outside [0, 1], or what
             ``feature_families`` refuses.
     """
-    saes = [sae] if isinstance(sae, SAE) else list(sae)
-    if not saes:
-        raise ValueError("polysemanticity needs at least one SAE, got none")
     if not 0 <= confidence <= 1:
         raise ValueError(f"confidence must lie in [0, 1], got {confidence!r}")
     k = check_count("k", k)
     backend = backend_for(model)
-    sites = [AttnSite.from_sae(one, backend) for one in saes]
-    layers = [site.layer for site in sites]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"give at most one SAE per layer; the SAEs' layers are {layers}")
+    by_layer = saes_by_layer(sae, backend)
+    sites = {layer: AttnSite.from_sae(one, backend) for layer, one in by_layer.items()}
     corpus = corpus_of(backend, tokens, attention_mask, batch_size=batch_size)
-    corpus.capture_many(sites, sae_convention(saes[0], backend.native_convention))
+    first = next(iter(by_layer.values()))
+    corpus.capture_many(sites.values(), sae_convention(first, backend.native_convention))
     tokenizer = tokenizer if tokenizer is not None else tokenizer_of(backend)
     usable = usable_positions(
         corpus.tokens, tokenizer=tokenizer, ignore_tokens=ignore_tokens,
@@ -228,7 +224,8 @@ def polysemanticity(
     verdicts: list[HeadVerdict] = []
     tops: list[HeadFeatures] = []
     labelled: list[FeatureFamilies] = []
-    for one, site in sorted(zip(saes, sites, strict=True), key=lambda pair: pair[1].layer):
+    for layer, one in by_layer.items():
+        site = sites[layer]
         every = torch.arange(one.cfg.d_sae)
         peak_acts, _ = peak_activations(corpus, one, every, usable)
         fire = every[(peak_acts > 0).any(0)]

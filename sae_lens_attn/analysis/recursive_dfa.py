@@ -49,7 +49,13 @@ from sae_lens_attn.analysis.residual_parts import LayerMaps, ResidualParts, read
 from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.sae_adapter import encode_z, sae_convention
 from sae_lens_attn.site import saes_by_layer
-from sae_lens_attn.validation import as_integer, check_count, check_features, check_tokens
+from sae_lens_attn.validation import (
+    as_integer,
+    check_count,
+    check_features,
+    check_tokens,
+    token_text,
+)
 
 ContributionKind = Literal[
     "token_embedding",
@@ -136,7 +142,7 @@ class RDFAResult:
                         "kind": row.kind,
                         "layer": row.layer,
                         "position": row.position,
-                        "token": _show(tokenizer, token),
+                        "token": token_text(tokenizer, token),
                         "feature": row.feature,
                         "activation": row.activation,
                         "value": row.value,
@@ -280,21 +286,12 @@ def _decomposition(maps: LayerMaps, sae: SAE[Any], backend: AttnBackend) -> _Dec
 
 
 @dataclass(frozen=True)
-class _Row:
-    kind: ContributionKind
-    value: float
-    layer: int | None
-    position: int
-    feature: int | None = None
-    activation: float | None = None
-
-
-@dataclass(frozen=True)
 class _Node:
     pre_act: float
     bias: float
     activation: float
-    rows: tuple[_Row, ...]
+    rows: tuple[Contribution, ...]
+    """The node's contributions, children not yet attached."""
     expanded: tuple[int, ...]
     """Indices of the feature rows whose own RDFA is computed."""
 
@@ -377,7 +374,7 @@ def _split(
     input_scale: float,
     position: int,
     includes_value_bias: bool,
-) -> tuple[_Row, ...]:
+) -> tuple[Contribution, ...]:
     """The contributions of one node (module docstring), largest magnitude first."""
     maps = parts.layers[layer]
     n_src = position + 1
@@ -386,10 +383,10 @@ def _split(
     u = torch.einsum("hs,hm->sm", coef, read) / maps.norm_scale[:n_src, None]
     if maps.centres:
         u = u - u.mean(-1, keepdim=True)
-    rows: list[_Row] = []
+    rows: list[Contribution] = []
 
     def per_source(kind: ContributionKind, values: Tensor, at: int | None) -> None:
-        rows.extend(_Row(kind, float(v), at, s) for s, v in enumerate(values.tolist()))
+        rows.extend(Contribution(kind, float(v), at, s) for s, v in enumerate(values.tolist()))
 
     if includes_value_bias:  # b_V'[h] · w_h, weighted by each source's attention
         per_source("value_bias", ((maps.value_bias * w).sum(-1)[:, None] * coef).sum(0), layer)
@@ -421,11 +418,11 @@ def _split(
         for s, g, a, v in zip(
             src.tolist(), feats.tolist(), acts.tolist(), values.tolist(), strict=True
         ):
-            rows.append(_Row("feature", v, below, s, g, a))
+            rows.append(Contribution("feature", v, below, s, g, a))
     return tuple(sorted(rows, key=lambda r: -abs(r.value)))
 
 
-def _check_sum(rows: Sequence[_Row], bias: float, pre: float, key: Key) -> None:
+def _check_sum(rows: Sequence[Contribution], bias: float, pre: float, key: Key) -> None:
     total = sum(r.value for r in rows) + bias
     if abs(total - pre) > _TOLERANCE * max(1.0, abs(pre)):
         raise RuntimeError(
@@ -449,18 +446,7 @@ def _tree(
             m = row.value / pre if pre else 0.0  # the row per unit of the child's pre-activation
             children = tuple(_scaled(c, m) for c in _tree(nodes, child, level + 1, max_depth))
             children_bias = m * nodes[child].bias
-        out.append(
-            Contribution(
-                kind=row.kind,
-                value=row.value,
-                layer=row.layer,
-                position=row.position,
-                feature=row.feature,
-                activation=row.activation,
-                children=children,
-                children_bias=children_bias,
-            )
-        )
+        out.append(replace(row, children=children, children_bias=children_bias))
     return tuple(out)
 
 
@@ -492,7 +478,3 @@ def _position(position: Any, n_pos: int) -> int:
             f"position must be a query position in 0..{n_pos - 1} of the prompt, got {position!r}"
         )
     return index
-
-
-def _show(tokenizer: Any, token: int) -> str:
-    return str(token) if tokenizer is None else tokenizer.decode([token])

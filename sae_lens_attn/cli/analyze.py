@@ -21,6 +21,7 @@ from sae_lens_attn.cli.inputs import load_model, load_sae, load_tokens
 from sae_lens_attn.outputs import OUTPUT_MARKER, atomic_output, check_output
 from sae_lens_attn.validation import token_texts
 from sae_lens_attn.viz.analysis_plots import table_plots
+from sae_lens_attn.viz.causal_plots import causal_table_plots
 from sae_lens_attn.viz.induction_plots import induction_table_plots
 from sae_lens_attn.viz.plots import dfa_tokens_html, head_attribution_heatmap, html_page
 
@@ -35,7 +36,8 @@ def add_parser(commands: Any) -> None:
         description="Run analyzers (see --list) and write their tables (CSV or JSON) and plots "
         "(head-attribution heatmap PNG, DFA-highlighted tokens HTML, and feature-logit, "
         "family-count and head-family PNGs, prefix-induction PNGs, an RDFA tree HTML and the "
-        "proxy-histogram PNG for those analyzers) into --out.",
+        "proxy-histogram PNG, and ablation, patching and induction-ablation PNGs for those "
+        "analyzers) into --out.",
     )
     parser.add_argument(
         "--list", action="store_true", help="list the registered analyzers and exit"
@@ -56,7 +58,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--features",
         type=integers,
-        help="comma-separated feature indices (default: the most active)",
+        help="comma-separated feature indices (default: the --top features with the largest "
+        "activation at a position that is not padding nor a special token)",
     )
     parser.add_argument(
         "--top",
@@ -179,6 +182,7 @@ def write_analysis(
     _plots(inputs, folder)
     table_plots(tables, folder)
     induction_table_plots(tables, folder)
+    causal_table_plots(tables, folder)
     return tables
 
 

@@ -27,7 +27,11 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--tokens", help="a .pt file holding [prompts, ctx] token ids")
     parser.add_argument("--features", type=integers, help="comma-separated feature indices")
     parser.add_argument(
-        "--top", type=count(), default=8, help="most active features without --features"
+        "--top",
+        type=count(),
+        default=8,
+        help="without --features: the features with the largest activation at a position that "
+        "is not padding nor a special token (default: 8)",
     )
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="(default: auto)")
     parser.add_argument("--contexts", type=count(), default=8, help="top contexts per feature")

@@ -2,8 +2,8 @@
 
 Routes: ``GET /`` the page; ``GET /static/...`` its script and style (package data);
 ``GET /dashboards/<layer>/...`` the dashboard folder given for a layer; ``GET /api/info``;
-``POST /api/run``; ``POST /api/feature``; ``GET /api/openapi.json`` the API's schema. Every
-error is JSON ``{"error": ..., "kind": ...}`` (``schemas.ErrorResponse``).
+``POST /api/run``; ``POST /api/feature``; ``POST /api/ablate``; ``GET /api/openapi.json`` the
+API's schema. Every error is JSON ``{"error": ..., "kind": ...}`` (``schemas.ErrorResponse``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sae_lens_attn import __version__
 from sae_lens_attn.explorer.anyio_compat import prepare_anyio
 from sae_lens_attn.explorer.schemas import (
+    AblateRequest,
+    AblateResponse,
     ErrorResponse,
     FeatureRequest,
     FeatureResponse,
@@ -90,6 +92,16 @@ def create_app(session: ExplorerSession, *, allowed_hosts: list[str] | None = No
         effects, family and dashboard link."""
         return _json(
             session.feature(request.prompt, request.layer, request.feature, request.position)
+        )
+
+    @app.post("/api/ablate", response_model=AblateResponse, responses=responses)
+    def ablate(request: AblateRequest) -> Response:
+        """The top logits at one position before and after zero-ablating one feature there
+        (the SAE spliced, its error term kept)."""
+        return _json(
+            session.ablate(
+                request.prompt, request.layer, request.feature, request.position, request.k
+            )
         )
 
     app.mount("/static", StaticFiles(directory=ASSETS), name="static")

@@ -32,6 +32,22 @@ class FeatureRequest(_Request):
     )
 
 
+class AblateRequest(_Request):
+    """``POST /api/ablate``: zero-ablate one feature at one position of a prompt."""
+
+    prompt: str = Field(description="The same text as in /api/run.")
+    layer: int = Field(description="A layer with an SAE loaded (GET /api/info lists them).")
+    feature: int = Field(description="Feature index, 0..d_sae-1.")
+    position: int = Field(
+        description="Token position (0 is BOS) where the feature is ablated; the logits read "
+        "are this position's, its prediction of the next token."
+    )
+    k: int | None = Field(
+        default=None,
+        description="Tokens listed per list (default: the explorer's logits_k), 1..d_vocab.",
+    )
+
+
 class ActiveFeature(BaseModel):
     """A feature active at a position."""
 
@@ -101,6 +117,38 @@ class FeatureResponse(BaseModel):
     dashboard: str | None = Field(
         default=None, description="Link to its dashboard page, where one was given."
     )
+
+
+class LogitChange(BaseModel):
+    """A token's logit and probability at the position, before and after the ablation."""
+
+    token: str
+    token_id: int
+    before: float = Field(description="Its logit in the model's own run.")
+    after: float = Field(description="Its logit with the feature zero-ablated.")
+    prob_before: float = Field(description="Its probability in the model's own run.")
+    prob_after: float = Field(description="Its probability with the feature zero-ablated.")
+
+
+class AblateResponse(BaseModel):
+    """The next-token prediction at a position before and after zero-ablating one feature there,
+    with the SAE spliced and its error term kept (z' = z − a_f·W_dec[f] at that position only)."""
+
+    layer: int
+    feature: int
+    position: int = Field(description="Where the feature was ablated and the logits are read.")
+    token: str = Field(description="The token at that position.")
+    activation: float = Field(
+        description="The feature's activation there; 0 means the ablation changes nothing."
+    )
+    next_token: LogitChange | None = Field(
+        default=None,
+        description="The prompt's own next token, where the position has one (null at the end).",
+    )
+    before: list[LogitChange] = Field(description="The k most likely tokens before, best first.")
+    after: list[LogitChange] = Field(description="The k most likely tokens after, best first.")
+    lowered: list[LogitChange] = Field(description="The k tokens whose logits fell most.")
+    raised: list[LogitChange] = Field(description="The k tokens whose logits rose most.")
 
 
 class LayerInfo(BaseModel):

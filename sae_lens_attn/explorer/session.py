@@ -22,20 +22,24 @@ from torch import Tensor
 
 from sae_lens_attn.analysis import (
     DFAResult,
+    Edit,
     FeatureFamilies,
     FeatureLogits,
     dfa,
     feature_families,
     feature_logits,
+    spliced,
 )
 from sae_lens_attn.backends import AttnBackend, backend_for
 from sae_lens_attn.corpus import Corpus
 from sae_lens_attn.explorer.schemas import (
+    AblateResponse,
     FamilyView,
     FeatureLogitsView,
     FeatureResponse,
     InfoResponse,
     LayerInfo,
+    LogitChange,
     LogitToken,
     RunResponse,
 )
@@ -43,7 +47,6 @@ from sae_lens_attn.sae_adapter import sae_convention
 from sae_lens_attn.site import AttnSite, ValueBiasConvention, saes_by_layer
 from sae_lens_attn.validation import (
     check_count,
-    check_tokens,
     context_limit,
     token_texts,
     tokenizer_of,
@@ -110,8 +113,8 @@ class ExplorerSession:
             layer: AttnSite.from_sae(sae, self.backend) for layer, sae in self.saes.items()
         }
         self.family_tokens = (
-            None if family_tokens is None else check_tokens(family_tokens, self.backend)
-        )
+            None if family_tokens is None else Corpus(self.backend, family_tokens)
+        )  # one capture per layer and one encode per SAE, shared by every layer's families
         self.dashboards = _dashboard_folders(dashboards or {}, self.saes)
         self._lock = threading.RLock()  # the model's, and the tokenizer's: fast tokenizers
         # refuse concurrent calls ("Already borrowed")
@@ -172,6 +175,64 @@ class ExplorerSession:
         if position is None:
             position = int(activations.argmax())
         return self.detail(tokens, layer, result, 0, position, logits=logits, family=family)
+
+    def ablate(
+        self, prompt: str, layer: int, feature: int, position: int, k: int | None = None
+    ) -> AblateResponse:
+        """The next-token prediction at ``position`` before and after zero-ablating ``feature``
+        there, the SAE spliced with its error term kept (``/api/ablate``)."""
+        tokens = self.tokenize(prompt)
+        self.check_feature(layer, feature)
+        self.check_position(position, tokens.shape[1])
+        if not self.has_unembed:
+            raise RequestRefused(
+                "no_logits", "the model has no unembedding (no LM head), so it gives no logits"
+            )
+        d_vocab = int(self.backend.unembed().shape[-1])
+        k = self.logits_k if k is None else k
+        if not 1 <= k <= d_vocab:
+            raise RequestRefused(
+                "k_out_of_range", f"k must be in 1..{d_vocab} (the vocabulary), got {k}"
+            )
+        sae = self.saes[layer]
+        edit = Edit(sae, [feature], torch.tensor([position]), mode="zero")
+        with self.guarded(), torch.no_grad():
+            activation = float(Corpus(self.backend, tokens).activations(sae)[0, position, feature])
+            before = self.backend.forward(tokens)
+            with spliced(self.backend, edits=[edit]) as run:
+                after = run(tokens)
+        assert before is not None
+        logits = torch.stack([before[0, position], after[0, position]]).float().cpu()  # (2, V)
+        probs = logits.softmax(-1)
+
+        def changes(ids: Sequence[int]) -> list[LogitChange]:
+            texts = self.token_texts(ids)
+            return [
+                LogitChange(
+                    token=text,
+                    token_id=i,
+                    before=float(logits[0, i]),
+                    after=float(logits[1, i]),
+                    prob_before=float(probs[0, i]),
+                    prob_after=float(probs[1, i]),
+                )
+                for text, i in zip(texts, ids, strict=True)
+            ]
+
+        moved = logits[1] - logits[0]
+        following = int(tokens[0, position + 1]) if position + 1 < tokens.shape[1] else None
+        return AblateResponse(
+            layer=layer,
+            feature=feature,
+            position=position,
+            token=self.token_texts([int(tokens[0, position])])[0],
+            activation=activation,
+            next_token=None if following is None else changes([following])[0],
+            before=changes(logits[0].topk(k).indices.tolist()),
+            after=changes(logits[1].topk(k).indices.tolist()),
+            lowered=changes(moved.topk(k, largest=False).indices.tolist()),
+            raised=changes(moved.topk(k).indices.tolist()),
+        )
 
     # -- the parts, also used by the static export ---------------------------------------------
 

@@ -144,6 +144,7 @@
     for (const id of ["tokens-section", "table-section", "search"]) $(id).hidden = false;
     $("token-panel").hidden = true;
     $("dfa-panel").hidden = true;
+    $("ablate-panel").hidden = true;
   }
 
   function showToken(position) {
@@ -215,12 +216,66 @@
     if (d.dashboard) {
       panel.append(el("p", {}, el("a", { href: d.dashboard, target: "_blank", text: "dashboard page" })));
     }
+    if (!STATIC) {
+      const button = el("button", {
+        type: "button",
+        id: "ablate",
+        text: `Ablate feature ${d.feature} at position ${d.position}`,
+        title: "zero-ablate this feature here (SAE spliced, error term kept) and see the next-token logits move",
+      });
+      button.addEventListener("click", () => ablate(d.layer, d.feature, d.position));
+      panel.append(el("h3", { text: "Ablation" }), button);
+    }
+    $("ablate-panel").hidden = true;
     panel.hidden = false;
     tokenRow($("tokens"), run.tokens, { values: d.by_src, query: d.position, onClick: showToken });
     document.querySelectorAll(".feature").forEach((button) => {
       const same = Number(button.dataset.layer) === d.layer && Number(button.dataset.feature) === d.feature;
       button.classList.toggle("selected", same);
     });
+  }
+
+  async function ablate(layer, feature, position) {
+    showError("");
+    try {
+      const answer = await post("/api/ablate", { prompt: state.prompt, layer, feature, position });
+      renderAblation(answer);
+    } catch (err) {
+      showError(err.message);
+    }
+  }
+
+  function renderAblation(a) {
+    const pct = (p) => `${(100 * p).toFixed(1)}%`;
+    const moved = (t) => `${shown(t.token)}  ${fmt(t.before)} → ${fmt(t.after)} (${fmt(t.after - t.before)})`;
+    const list = (id, items, text) => el("ol", { id }, ...items.map((t) => el("li", { text: text(t) })));
+    const next = a.next_token
+      ? `the prompt's next token “${shown(a.next_token.token)}”: logit ${fmt(a.next_token.before)} → ` +
+        `${fmt(a.next_token.after)}, probability ${pct(a.next_token.prob_before)} → ${pct(a.next_token.prob_after)}`
+      : "the position is the prompt's last: no next token in the prompt";
+    const panel = $("ablate-panel");
+    panel.replaceChildren(
+      el("h2", { text: `Ablating layer ${a.layer} · feature ${a.feature} at position ${a.position}` }),
+      el("p", {
+        id: "ablate-summary",
+        text:
+          `“${shown(a.token)}”: activation ${fmt(a.activation)} zeroed (error term kept)` +
+          (a.activation === 0 ? ", so nothing changes" : "") + `; ${next}.`,
+      }),
+      el(
+        "div",
+        { class: "logits" },
+        el("div", {}, el("strong", { text: "top before" }), list("ablate-before", a.before, (t) => `${shown(t.token)}  ${pct(t.prob_before)} → ${pct(t.prob_after)}`)),
+        el("div", {}, el("strong", { text: "top after" }), list("ablate-after", a.after, (t) => `${shown(t.token)}  ${pct(t.prob_after)} (was ${pct(t.prob_before)})`))
+      ),
+      el(
+        "div",
+        { class: "logits" },
+        el("div", {}, el("strong", { text: "logits lowered most" }), list("ablate-lowered", a.lowered, moved)),
+        el("div", {}, el("strong", { text: "logits raised most" }), list("ablate-raised", a.raised, moved))
+      )
+    );
+    panel.hidden = false;
   }
 
   function headBars(byHead) {

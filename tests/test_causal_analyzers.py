@@ -89,9 +89,10 @@ def tiny(tokenizer) -> HookedTransformer:
     )  # fmt: skip
     model = HookedTransformer(cfg).eval()
     with torch.no_grad():
-        for block in model.blocks:
-            block.attn.b_V.normal_(0, 0.3)  # a value bias: z conventions differ
-            block.attn.b_O.normal_(0, 0.1)
+        for layer in range(cfg.n_layers):
+            attn: Any = model.blocks[layer].attn
+            attn.b_V.normal_(0, 0.3)  # a value bias: z conventions differ
+            attn.b_O.normal_(0, 0.1)
     return model
 
 

@@ -57,7 +57,7 @@ def corpus_tokens(tmp_path: Path) -> Iterator[Path]:
     text = "\n".join(
         f"def f{i}(x):\n    return x * {i} + f{i - 1}(x) if x else {i}" for i in range(60)
     )
-    ids = tokenizer(text)["input_ids"]
+    ids: list[int] = tokenizer.encode(text)
     rows = torch.tensor([[tokenizer.bos_token_id, *ids[31 * i : 31 * i + 31]] for i in range(16)])
     path = tmp_path / "tokens.pt"
     torch.save(rows, path)

@@ -122,12 +122,13 @@ class _InductionFeatures:
         options["induction_seq_len"] = induction_seq_len(inputs)
         if not {"induction_heads", "head_score"} & set(options):  # relative: works on 4 heads
             options.setdefault("relative_head_score", RELATIVE_HEAD_SCORE)
-        report = induction_features(
-            inputs.model,
-            inputs.sae,
-            inputs.corpus,
-            features=inputs.options.get("features"),
-            **options,
+        features = inputs.options.get("features")
+        key = ("induction_features", id(inputs.sae), repr(features), repr(sorted(options.items())))
+        report = inputs.corpus.memo(  # once per command: induction_ablation reads it too
+            key,
+            lambda: induction_features(
+                inputs.model, inputs.sae, inputs.corpus, features=features, **options
+            ),
         )
         rows = [row.__dict__ for row in report.rows]
         summary = {
